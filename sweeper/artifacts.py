@@ -1,0 +1,206 @@
+"""What a sweep directory holds besides the tables: inputs, metadata, state, links, the lock.
+
+```
+<root>/latest -> <name>-<hash>
+<root>/<name>-<hash>/
+    manifest.resolved.yaml   manifest.original.yaml   overrides.yaml (when any)
+    run_metadata.json        state.json               logs/sweeper.log
+    sweep/trials.parquet     sweep/metrics.parquet    sweep/decisions.jsonl   sweep/tune/...
+    checkpoints/best -> ...  checkpoints/second_best  checkpoints/third_best
+```
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+from .fsutil import atomic_write_text, replace_symlink
+from .manifest import Loaded
+from .paths import contained, ensure_dir, safe_name
+
+log = logging.getLogger("sweeper")
+LINKS = ("best", "second_best", "third_best")
+
+
+def results_root(m) -> Path:
+    root = Path(m.output.root).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root.resolve()
+
+
+def sweep_dir_for(loaded: Loaded, root: Path, rerun: bool = False) -> Path:
+    base = safe_name(f"{loaded.manifest.name}-{loaded.identity()}", "`name`")
+    d = contained(root, base)
+    if rerun and d.exists():
+        k = 2
+        while contained(root, f"{base}.{k}").exists():
+            k += 1
+        d = contained(root, f"{base}.{k}")
+    elif not rerun:
+        # the newest re-run of this manifest is the one to resume or report
+        reruns = sorted((p for p in root.glob(f"{base}.*") if p.name[len(base) + 1:].isdigit()),
+                        key=lambda p: int(p.name[len(base) + 1:]))
+        if reruns:
+            d = reruns[-1]
+    return ensure_dir(root, d.name)
+
+
+def read_state(sweep_dir: Path) -> dict:
+    p = sweep_dir / "state.json"
+    if not p.exists():
+        return {}
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def write_state(sweep_dir: Path, **kw) -> None:
+    s = read_state(sweep_dir)
+    s.update(kw, updated=_now())
+    atomic_write_text(sweep_dir / "state.json", json.dumps(s, indent=2))
+
+
+class SweepLock:
+    """One driver per sweep directory: a second one would duplicate trials."""
+
+    def __init__(self, sweep_dir: Path):
+        self.path = sweep_dir / ".lock"
+
+    def __enter__(self):
+        if self.path.exists():
+            try:
+                pid = int(self.path.read_text().split()[0])
+                os.kill(pid, 0)
+                if pid != os.getpid():
+                    raise UserError(f"{self.path.parent}: another sweeper process (pid {pid}) is running this sweep")
+            except (ValueError, ProcessLookupError, IndexError):
+                pass  # stale lock from a killed driver: take it over
+            except PermissionError:
+                raise UserError(f"{self.path.parent}: locked by another user's process") from None
+        self.path.write_text(f"{os.getpid()} {socket.gethostname()}\n")
+        return self
+
+    def __exit__(self, *exc):
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_inputs(loaded: Loaded, sweep_dir: Path, resumed: bool = False) -> None:
+    atomic_write_text(sweep_dir / "manifest.resolved.yaml", yaml.safe_dump(loaded.resolved(), sort_keys=False))
+    atomic_write_text(sweep_dir / "manifest.original.yaml", loaded.original_text)
+    if loaded.overrides:
+        atomic_write_text(sweep_dir / "overrides.yaml", yaml.safe_dump(loaded.overrides, sort_keys=False))
+    meta_path = sweep_dir / "run_metadata.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    runs = meta.get("runs", [])
+    runs.append({"command": _command(), "started": _now(), "resumed": resumed, "host": socket.gethostname()})
+    m = loaded.manifest
+    meta.update(
+        sweep=sweep_dir.name,
+        manifest=str(loaded.path) if loaded.path else None,
+        identity=loaded.identity(),
+        runs=runs,
+        versions=versions(),
+        hardware=hardware(),
+        seeds={"search": m.search.seed, "training": m.training.seed},
+        git_commit=git_commit(),
+    )
+    atomic_write_text(meta_path, json.dumps(meta, indent=2, default=str))
+    (sweep_dir / "logs").mkdir(exist_ok=True)
+
+
+def finish_metadata(sweep_dir: Path, **kw) -> None:
+    p = sweep_dir / "run_metadata.json"
+    meta = json.loads(p.read_text())
+    rows = kw.pop("rows", None)
+    if rows is not None:
+        counts: dict[str, int] = {}
+        for r in rows:
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+        meta.setdefault("runs", [{}])[-1]["trial_counts"] = counts
+    meta["runs"][-1].update(finished=_now(), **kw)
+    atomic_write_text(p, json.dumps(meta, indent=2, default=str))
+
+
+def _command() -> list[str]:
+    # argv only: secrets come from the environment and are never recorded
+    return [os.path.basename(sys.executable), "-m", "sweeper", *sys.argv[1:]]
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("sweeper", "ray", "torch", "lightning", "transformers", "optuna", "pyarrow", "deepspeed"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def hardware() -> dict:
+    hw = {"platform": platform.platform(), "cpus": os.cpu_count()}
+    try:
+        hw["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    try:
+        import torch
+
+        hw["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # noqa: BLE001
+        hw["gpus"] = []
+    return hw
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def link_latest(root: Path, sweep_dir: Path) -> None:
+    replace_symlink(root / "latest", sweep_dir.name)
+
+
+def link_checkpoints(sweep_dir: Path, ranked: list[dict], phase: str = "sweep") -> None:
+    """best/second_best/third_best -> the ranked trials' best checkpoints (relative links)."""
+    d = ensure_dir(sweep_dir, "checkpoints")
+    top = [r for r in ranked if r.get("rank") and r.get("checkpoint")][:3]
+    for name, row in zip(LINKS, top):
+        target = Path(row["checkpoint"])
+        if target.exists():
+            replace_symlink(d / name, os.path.relpath(target, d))
+    for name in LINKS[len(top):]:
+        with contextlib.suppress(FileNotFoundError):
+            (d / name).unlink()
+
+
+def warn_if_unauthenticated() -> None:
+    """Joining a cluster without token authentication: anyone who reaches its ports runs code."""
+    mode = os.environ.get("RAY_AUTH_MODE", "").lower()
+    if mode != "token":
+        msg = ("WARNING: joined a Ray cluster without token authentication (RAY_AUTH_MODE is not 'token'): "
+               "anyone who can reach its ports can run code on it. See docs/cluster.md.")
+        print(msg, file=sys.stderr, flush=True)
+        log.warning(msg)

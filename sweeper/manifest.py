@@ -1,0 +1,668 @@
+"""The manifest: one strict, typed schema for everything a sweep declares.
+
+Loading is a single pass that collects *every* problem and names each by its YAML key
+(``search.space.lr.low``), so a user fixes a manifest in one round, not ten. Nothing here
+starts Ray, creates a directory or imports torch: ``sweeper validate`` is fully offline.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ManifestError, UserError
+
+MAX_MANIFEST_BYTES = 1_000_000  # a manifest is a page of YAML; 1 MB is generous and stops a 10 MB paste
+MAX_YAML_NODES = 20_000  # alias bombs expand to millions of nodes; a real manifest has hundreds
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------- model / data
+
+
+class ModelSpec(Strict):
+    """What network a trial builds."""
+
+    size: str = "tiny"
+    """Named size for random init from a config (``tiny``, ``small``, ``qwen2.5-0.5b``, ``vit-s14``...).
+    Ignored when ``path`` is set."""
+    path: str | None = None
+    """Local directory with a Hugging Face config and weights; loaded with ``from_pretrained``."""
+    pooling: Literal["last", "mean"] = "last"
+    """Qwen regression only: pool the last token or the mean of the sequence."""
+    config_overrides: dict[str, int | float | str | bool] = Field(default_factory=dict)
+    """Fields set on the Hugging Face config after the named size (``num_hidden_layers: 2``)."""
+
+
+class GeneratorSpec(Strict):
+    """Synthetic data with a learnable signal, for demos and CI."""
+
+    kind: Literal["qwen_synthetic", "images_synthetic"]
+    n_train: int = Field(512, ge=8)
+    n_val_select: int = Field(128, ge=8)
+    n_val_calib: int = Field(64, ge=8)
+    n_test: int = Field(128, ge=8)
+    seed: int = 0
+    dimensions: int = Field(3, ge=1, le=64)
+    """qwen_synthetic: number of regression targets."""
+    num_classes: int = Field(4, ge=2, le=1000)
+    """images_synthetic: number of classes."""
+    image_size: int = Field(28, ge=14, le=1024)
+    noise: float = Field(0.1, ge=0.0)
+
+
+SPLITS = ("train", "val_select", "val_calib", "test")
+
+
+class DataSpec(Strict):
+    """Where a trial's data comes from: files per split, or a generator."""
+
+    paths: dict[Literal["train", "val_select", "val_calib", "test"], str] | None = None
+    generator: GeneratorSpec | None = None
+    min_rows: dict[Literal["train", "val_select", "val_calib", "test"], int] = Field(
+        default_factory=lambda: {"train": 8, "val_select": 8}
+    )
+    """Coverage thresholds: a split with fewer rows stops the sweep before any training."""
+    max_length: int = Field(64, ge=4, le=32768)
+    """Qwen regression: tokens per example after truncation."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataSpec":
+        if (self.paths is None) == (self.generator is None):
+            raise ValueError("give exactly one of `paths` (a file per split) or `generator`")
+        if self.paths is not None:
+            missing = [s for s in ("train", "val_select") if s not in self.paths]
+            if missing:
+                raise ValueError(f"`paths` needs at least train and val_select; missing {missing}")
+        return self
+
+
+class Resources(Strict):
+    """What one trial asks of the cluster."""
+
+    cpus: float = Field(1.0, gt=0)
+    gpus: float = Field(0.0, ge=0)
+    """Per worker. A fraction (0.25) packs several small trials on one GPU."""
+    workers: int = Field(1, ge=1, le=1024)
+    """More than one runs the trial as a Ray Train TorchTrainer worker group."""
+
+    @field_validator("gpus")
+    @classmethod
+    def _frac(cls, v: float) -> float:
+        if v > 1 and v != int(v):
+            raise ValueError(f"got {v}; above 1 a GPU count must be whole")
+        return v
+
+
+# ----------------------------------------------------------------------------------- search space
+
+
+class LogUniform(Strict):
+    type: Literal["loguniform"]
+    low: float = Field(gt=0)
+    high: float = Field(gt=0)
+
+
+class Uniform(Strict):
+    type: Literal["uniform"]
+    low: float
+    high: float
+
+
+class IntRange(Strict):
+    type: Literal["int"]
+    low: int
+    high: int
+    """Inclusive."""
+    log: bool = False
+
+
+class Quantized(Strict):
+    type: Literal["quniform"]
+    low: float
+    high: float
+    q: float = Field(gt=0)
+
+
+class Choice(Strict):
+    type: Literal["choice"]
+    values: list[int | float | str | bool] = Field(min_length=1)
+
+
+Param = Annotated[Union[LogUniform, Uniform, IntRange, Quantized, Choice], Field(discriminator="type")]
+Fixed = Union[int, float, str, bool]
+
+
+class SearchSpec(Strict):
+    algorithm: Literal["optuna", "random"] = "optuna"
+    """``optuna``: seeded TPE through Ray Tune's OptunaSearch; ``random``: seeded random sampling."""
+    seed: int = 0
+    num_samples: int = Field(8, ge=1, le=100_000)
+    max_concurrent: int = Field(2, ge=1, le=10_000)
+    space: dict[str, Union[Param, Fixed]] = Field(min_length=1)
+    """Hyperparameter -> a distribution, or a plain value to fix it."""
+
+
+class SchedulerSpec(Strict):
+    type: Literal["asha", "none"] = "asha"
+    time_attr: Literal["epoch", "training_iteration"] = "epoch"
+    max_t: int = Field(9, ge=1)
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(3.0, gt=1)
+
+
+class SelectionSpec(Strict):
+    metric: str = "val_loss"
+    mode: Literal["min", "max"] = "min"
+
+
+class TrainingSpec(Strict):
+    max_epochs: int = Field(9, ge=1, le=100_000)
+    seed: int = 0
+    """Training seed for phase-1 trials (fan-out seeds come from ``promotion.fanout.seeds``)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """``auto``: fp32 on CPU, bf16 mixed precision on GPU. fp16 is refused for DINOv2 (overflow)."""
+    limit_train_batches: int | None = Field(None, ge=1)
+    """Cap on training batches per epoch (smoke tests)."""
+    eval_batch_size: int = Field(64, ge=1)
+    grad_clip: float = Field(1.0, ge=0)
+    max_failures: int = Field(2, ge=0)
+    """Retries of a failed trial, each from its last checkpoint."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Checkpoints kept per trial, best by the selection metric."""
+    deterministic: bool = True
+
+
+class OutputSpec(Strict):
+    root: str = "results"
+    """Results root. Relative paths are relative to the working directory; a URI (s3://, gs://)
+    or a shared filesystem path for clusters."""
+
+
+_GATE_OPS = ("<=", ">=", "<", ">")
+
+
+class Gate(Strict):
+    """``metric op threshold``, e.g. ``val_mae < 1.0``."""
+
+    metric: str
+    op: Literal["<", "<=", ">", ">="]
+    threshold: float
+
+    def passes(self, value: float | None) -> bool:
+        if value is None or not math.isfinite(value):
+            return False
+        return {"<": value < self.threshold, "<=": value <= self.threshold,
+                ">": value > self.threshold, ">=": value >= self.threshold}[self.op]
+
+    def __str__(self) -> str:
+        return f"{self.metric} {self.op} {self.threshold:g}"
+
+
+def parse_gates(raw: dict) -> list[Gate]:
+    """``{val_mae: "< 1.0"}`` -> [Gate]. A mapping (not a list) so ``gates.val_mae="<0.8"`` overrides one."""
+    out = []
+    for metric, cond in raw.items():
+        text = str(cond).strip()
+        op = next((o for o in _GATE_OPS if text.startswith(o)), None)
+        if op is None:
+            raise ValueError(f"gate {metric!r}: {text!r} must look like '< 1.0' (one of <, <=, >, >=)")
+        try:
+            thr = float(text[len(op):])
+        except ValueError:
+            raise ValueError(f"gate {metric!r}: threshold {text[len(op):].strip()!r} is not a number") from None
+        if not math.isfinite(thr):
+            raise ValueError(f"gate {metric!r}: threshold must be finite")
+        out.append(Gate(metric=metric, op=op, threshold=thr))
+    return out
+
+
+class FinetuneSpec(Strict):
+    """A longer run of the winner, initialised from its checkpoint."""
+
+    epochs: int = Field(ge=1, le=100_000)
+    transfer: Literal["compatible", "backbone"] = "compatible"
+
+
+class FanoutSpec(Strict):
+    """The promoted config re-run under several seeds; the final choice is on the seed mean."""
+
+    seeds: list[int] = Field(default_factory=lambda: [101, 555, 888], min_length=1, max_length=64)
+    candidates: int = Field(2, ge=1, le=16)
+    """How many of phase 1's top trials fan out: with 2+, a lucky phase-1 winner loses to a steadier runner-up."""
+    epochs: int | None = Field(None, ge=1)
+    """Default: training.max_epochs."""
+    transfer: Literal["compatible", "backbone"] = "compatible"
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError("seeds must be distinct")
+        return v
+
+
+class PromotionSpec(Strict):
+    finetune: FinetuneSpec | None = None
+    fanout: FanoutSpec | None = None
+
+
+class ExportSpec(Strict):
+    enabled: bool = True
+    encrypt: bool = False
+    key_env: str = "SWEEPER_EXPORT_KEY"
+    """Name of the environment variable holding the Fernet key(s); the key itself never appears in a manifest."""
+    chunk_mb: int = Field(4, ge=1, le=256)
+
+    @field_validator("key_env")
+    @classmethod
+    def _env_name(cls, v: str) -> str:
+        import re
+
+        if not re.fullmatch(r"[A-Z_][A-Z0-9_]{0,127}", v):
+            raise ValueError("must be an environment variable NAME (upper-case letters, digits, _), not a key")
+        return v
+
+
+class StageSpec(Strict):
+    """One stage of a chain: a manifest file run as a whole pipeline; later stages warm-start
+    phase 1 from the previous stage's exported winner."""
+
+    name: str
+    manifest: str
+    overrides: list[str] = Field(default_factory=list)
+    transfer: Literal["auto", "compatible", "backbone"] = "auto"
+    """auto: ``compatible`` when the model family and size match the previous stage, else ``backbone``."""
+
+
+class Manifest(Strict):
+    """A sweep: what to train, on which data, over which space, scheduled how, selected on what."""
+
+    name: str
+    trainable: str
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec
+    resources: Resources = Field(default_factory=Resources)
+    search: SearchSpec
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    selection: SelectionSpec = Field(default_factory=SelectionSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    gates: dict[str, str] = Field(default_factory=dict)
+    """Conditions checked after each phase, ``{val_mae: "< 1.0"}``; a failed gate stops the pipeline (exit 3)."""
+    promotion: PromotionSpec = Field(default_factory=PromotionSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    init_from: str | None = None
+    """Warm-start every phase-1 trial from this checkpoint (set by stage chains and --from-checkpoint)."""
+    init_transfer: Literal["compatible", "backbone"] = "compatible"
+
+    def gate_list(self) -> list[Gate]:
+        return parse_gates(self.gates)
+
+    @field_validator("gates")
+    @classmethod
+    def _gates(cls, v: dict) -> dict:
+        parse_gates(v)
+        return v
+
+
+class Chain(Strict):
+    """A chain of stages (V2 -> V3 -> V4), each a manifest with its own gates."""
+
+    name: str
+    stages: list[StageSpec] = Field(min_length=1)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+
+
+# ----------------------------------------------------------------------------------- loading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last) and huge graphs."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (list, dict)):
+                raise yaml.constructor.ConstructorError(None, None, "a mapping key must be a scalar", key_node.start_mark)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _count_nodes(node, limit: int) -> int:
+    """Count nodes with aliases expanded, stopping early: an alias bomb is caught before it is built."""
+    count = 0
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        count += 1
+        if count > limit:
+            return count
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                stack.append(k)
+                stack.append(v)
+        elif isinstance(n, yaml.SequenceNode):
+            stack.extend(n.value)
+    return count
+
+
+def parse_yaml_text(raw: bytes, source: str) -> Any:
+    """bytes -> plain Python data, refusing anything a manifest never needs."""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise UserError(f"{source}: {len(raw)} bytes is over the {MAX_MANIFEST_BYTES}-byte limit for a manifest")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{source}: not UTF-8 text (byte {e.start})") from None
+    if "\x00" in text:
+        raise UserError(f"{source}: contains a NUL byte")
+    try:
+        loader = _UniqueKeyLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                raise UserError(f"{source}: is empty")
+            if _count_nodes(node, MAX_YAML_NODES) > MAX_YAML_NODES:
+                raise UserError(f"{source}: more than {MAX_YAML_NODES} YAML nodes (an alias bomb?)")
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except UserError:
+        raise
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        if "could not determine a constructor" in str(e):
+            problem = "a python object tag or other unsupported tag; manifests hold plain data only"
+        raise UserError(f"{source}: invalid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise UserError(f"{source}: nested too deeply") from None
+
+
+def read_manifest_file(path: str | os.PathLike) -> tuple[dict, str]:
+    """Read and parse a manifest file; returns (data, original text)."""
+    p = Path(path)
+    try:
+        if not p.is_file():
+            raise UserError(f"manifest {p}: no such file")
+        size = p.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise UserError(f"manifest {p}: {size} bytes is over the {MAX_MANIFEST_BYTES}-byte limit for a manifest")
+        raw = p.read_bytes()
+    except OSError as e:
+        raise UserError(f"manifest {p}: cannot read ({e.strerror})") from None
+    data = parse_yaml_text(raw, f"manifest {p}")
+    if not isinstance(data, dict):
+        raise UserError(f"manifest {p}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data, raw.decode("utf-8")
+
+
+def _loc(loc: tuple) -> str:
+    parts = []
+    for x in loc:
+        if isinstance(x, int):
+            parts.append(f"[{x}]")
+        elif x in ("loguniform", "uniform", "int", "quniform", "choice", "int|float|str|bool", "str", "int", "float", "bool"):
+            # pydantic adds the union branch it tried; the user's key is what matters
+            continue
+        else:
+            parts.append(("." if parts else "") + str(x))
+    return "".join(parts).replace(".[", "[") or "(top level)"
+
+
+def _pydantic_problems(err: ValidationError) -> list[str]:
+    problems: dict[str, str] = {}
+    for e in err.errors():
+        loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and (x.startswith("function-") or x.endswith("]"))))
+        key = _loc(loc)
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        elif e["type"] == "union_tag_invalid" or e["type"] == "union_tag_not_found":
+            msg = "`type` must be one of loguniform, uniform, int, quniform, choice"
+        inp = e.get("input")
+        if e["type"] not in ("missing", "extra_forbidden") and not isinstance(inp, (dict, list)) and inp is not None:
+            shown = repr(inp)
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            msg = f"{msg} (got {shown})"
+        # a union reports one error per branch; keep the first message per key
+        problems.setdefault(key, f"`{key}`: {msg}")
+    return list(problems.values())
+
+
+def _semantic_problems(m) -> list[str]:
+    """Cross-field rules, in the user's key names. ``m`` may be partial (a section that failed the
+    schema is None): every rule whose inputs validated still runs, so one pass reports everything."""
+    from trainables import registry  # light: no torch import at registry level
+
+    out: list[str] = []
+    fam = registry.describe(m.trainable) if isinstance(m.trainable, str) else None
+    if isinstance(m.trainable, str) and fam is None:
+        out.append(f"`trainable`: unknown trainable {m.trainable!r}; known: {', '.join(registry.names())}")
+    if isinstance(m.name, str):
+        from .paths import safe_name  # names become directories
+
+        try:
+            safe_name(m.name, "`name`")
+        except UserError as e:
+            out.append(str(e))
+    s, sch, tr, sel, mod, data, res = m.search, m.scheduler, m.training, m.selection, m.model, m.data, m.resources
+    for key, p in (s.space.items() if s is not None else ()):
+        k = f"search.space.{key}"
+        if fam is not None and key not in fam.hyperparameters:
+            out.append(f"`{k}`: {m.trainable} has no hyperparameter {key!r}; known: {', '.join(sorted(fam.hyperparameters))}")
+        if isinstance(p, float) and not math.isfinite(p):
+            out.append(f"`{k}`: fixed value {p} is not finite")
+        if isinstance(p, (LogUniform, Uniform, Quantized, IntRange)):
+            for f in ("low", "high"):
+                v = getattr(p, f)
+                if isinstance(v, float) and not math.isfinite(v):
+                    out.append(f"`{k}.{f}`: {v} is not finite")
+            if not p.low < p.high:
+                out.append(f"`{k}.low` is {p.low} but must be < `{k}.high` ({p.high})")
+            if isinstance(p, Quantized) and p.q > (p.high - p.low) and p.high > p.low:
+                out.append(f"`{k}.q` is {p.q} but must be <= high - low ({p.high - p.low})")
+            if isinstance(p, IntRange) and p.log and p.low < 1:
+                out.append(f"`{k}.low` is {p.low} but must be >= 1 when `log` is true")
+        if isinstance(p, Choice):
+            for i, v in enumerate(p.values):
+                if isinstance(v, float) and not math.isfinite(v):
+                    out.append(f"`{k}.values[{i}]`: {v} is not finite")
+            if len({json.dumps(v) for v in p.values}) != len(p.values):
+                out.append(f"`{k}.values` has duplicates")
+    if sch is not None and sch.type == "asha":
+        if sch.grace_period > sch.max_t:
+            out.append(f"`scheduler.grace_period` is {sch.grace_period} but must be <= `scheduler.max_t` ({sch.max_t})")
+        if tr is not None and sch.time_attr == "epoch" and sch.max_t > tr.max_epochs:
+            out.append(
+                f"`scheduler.max_t` is {sch.max_t} but trials stop at `training.max_epochs` ({tr.max_epochs}); "
+                "make them equal"
+            )
+    if fam is not None:
+        if sel is not None and sel.metric not in fam.metrics:
+            out.append(f"`selection.metric`: {m.trainable} reports no metric {sel.metric!r}; known: {', '.join(fam.metrics)}")
+        elif sel is not None and fam.metrics[sel.metric] != sel.mode:
+            out.append(
+                f"`selection.mode` is {sel.mode!r} but {sel.metric} is better when "
+                f"{'lower' if fam.metrics[sel.metric] == 'min' else 'higher'}: use {fam.metrics[sel.metric]!r}"
+            )
+        for gm in (m.gates or {}) if isinstance(getattr(m, "gates", None), dict) else ():
+            if gm not in fam.metrics:
+                out.append(f"`gates.{gm}`: {m.trainable} reports no metric {gm!r}; known: {', '.join(fam.metrics)}")
+        if tr is not None and tr.precision == "fp16" and not fam.allows_fp16:
+            out.append(f"`training.precision`: fp16 is refused for {m.trainable}: {fam.fp16_reason}; use bf16 or fp32")
+        if data is not None and data.generator is not None and data.generator.kind != fam.generator:
+            out.append(f"`data.generator.kind`: {m.trainable} takes {fam.generator!r}, got {data.generator.kind!r}")
+        if mod is not None and mod.path is None and mod.size not in fam.sizes:
+            out.append(f"`model.size`: unknown size {mod.size!r} for {m.trainable}; known: {', '.join(fam.sizes)}")
+    init = getattr(m, "init_from", None)
+    if isinstance(init, str) and not Path(init).exists():
+        out.append(f"`init_from`: {init} does not exist")
+    if mod is not None and mod.path is not None and not Path(mod.path).exists():
+        out.append(f"`model.path`: {mod.path} does not exist")
+    for split, p in ((data.paths or {}).items() if data is not None else ()):
+        if not Path(p).exists():
+            out.append(f"`data.paths.{split}`: {p} does not exist")
+    if res is not None and res.workers > 1 and res.gpus != int(res.gpus):
+        out.append("`resources.gpus`: a multi-worker trial takes whole GPUs per worker")
+    return out
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """Apply ``a.b.c=value`` overrides in place. Values parse as YAML scalars (``1e-3``, ``true``,
+    ``[1,2]``); types are checked by the schema afterwards, so ``training.max_epochs=abc`` fails
+    there with the key's name. Unknown top-level keys fail here (nanoGPT's rule: no silent typos).
+    Returns the applied overrides as a flat dict, and the problems found."""
+    applied: dict[str, Any] = {}
+    problems = []
+    for ov in overrides:
+        if "=" not in ov:
+            problems.append(f"override {ov!r}: expected key=value")
+            continue
+        key, _, raw = ov.partition("=")
+        key = key.strip()
+        try:
+            value = parse_yaml_text(raw.encode(), f"override {key}") if raw.strip() else ""
+        except UserError as e:
+            problems.append(str(e))
+            continue
+        parts = key.split(".")
+        if not all(parts):
+            problems.append(f"override {ov!r}: empty key segment")
+            continue
+        if not _known_path(parts, data):
+            problems.append(f"override `{key}`: unknown key")
+            continue
+        node = data
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[parts[-1]] = value
+        applied[key] = value
+    return applied, problems
+
+
+def _known_path(parts: list[str], data: dict) -> bool:
+    """An override key must name a schema field, or a key inside a free-form mapping
+    (search.space.*, model.config_overrides.*, data.paths.*, data.min_rows.*)."""
+    model: type[BaseModel] | None = Manifest
+    for i, p in enumerate(parts):
+        if model is None:
+            return True  # inside a free-form mapping
+        fields = model.model_fields
+        if p not in fields:
+            return False
+        ann = fields[p].annotation
+        model = _submodel(ann)
+        if model is None and i < len(parts) - 1:
+            # a dict-typed field (space, paths, ...): anything below is data
+            return _is_mapping(ann)
+    return True
+
+
+def _submodel(ann) -> type[BaseModel] | None:
+    import typing
+
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for a in typing.get_args(ann):
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            return a
+    return None
+
+
+def _is_mapping(ann) -> bool:
+    import typing
+
+    if typing.get_origin(ann) is dict:
+        return True
+    return any(typing.get_origin(a) is dict for a in typing.get_args(ann))
+
+
+def validate_data(data: dict, source: str, pre_problems: list[str] | None = None) -> Manifest:
+    """Schema + cross-field rules; raises ManifestError listing every problem."""
+    problems = list(pre_problems or [])
+    try:
+        m = Manifest.model_validate(data)
+    except ValidationError as e:
+        problems += _pydantic_problems(e)
+        problems += _semantic_problems(_partial(data))
+        raise ManifestError(source, problems) from None
+    problems += _semantic_problems(m)
+    if problems:
+        raise ManifestError(source, problems)
+    return m
+
+
+class _Partial:
+    pass
+
+
+def _partial(data: dict):
+    """Each top-level section validated on its own; failures become None (for cross-field rules)."""
+    p = _Partial()
+    for name, field in Manifest.model_fields.items():
+        raw = data.get(name) if isinstance(data, dict) else None
+        sub = _submodel(field.annotation)
+        if raw is None and field.default_factory is not None:
+            raw = {}
+        try:
+            if sub is not None:
+                val = sub.model_validate(raw)
+            else:
+                val = raw if isinstance(raw, str) else None
+        except ValidationError:
+            val = None
+        setattr(p, name, val)
+    return p
+
+
+class Loaded:
+    """A validated manifest plus where it came from."""
+
+    def __init__(self, manifest: Manifest, original_text: str, overrides: dict[str, Any], path: Path | None):
+        self.manifest = manifest
+        self.original_text = original_text
+        self.overrides = overrides
+        self.path = path
+
+    def resolved(self) -> dict:
+        return self.manifest.model_dump(mode="json")
+
+    def identity(self) -> str:
+        """Hash of what determines results: same manifest + overrides -> same sweep directory
+        (so re-running resumes or reuses it). ``output`` is excluded: moving the root does not change results."""
+        d = self.resolved()
+        d.pop("output", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def load(path: str | os.PathLike, overrides: list[str] | None = None) -> Loaded:
+    data, text = read_manifest_file(path)
+    data = copy.deepcopy(data)
+    applied, problems = apply_overrides(data, overrides or [])
+    m = validate_data(data, f"manifest {path}", problems)
+    return Loaded(m, text, applied, Path(path))

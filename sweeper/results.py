@@ -1,0 +1,172 @@
+"""The results store: Parquet tables a sweep leaves, readable with pyarrow alone.
+
+``trials.parquet``  one row per trial: config, status, stop reason and rung, final and best
+                    metric, wall/accelerator seconds and their split, checkpoint path.
+``metrics.parquet`` one row per (trial, epoch, metric): every reported number, long format.
+``decisions.jsonl`` ASHA's decision for every trial at every rung (written by the scheduler).
+
+Tables are written atomically (temp file, fsync, rename): a reader, the leaderboard included,
+sees the old table or the new one, never half of either.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .fsutil import atomic_open
+
+TRIALS = "trials.parquet"
+METRICS = "metrics.parquet"
+DECISIONS = "decisions.jsonl"
+
+STATUS_ORDER = {"completed": 0, "stopped": 0, "running": 1, "pending": 1, "failed": 2, "error": 2}
+
+
+def write_table(path: Path, rows: list[dict], schema: pa.Schema | None = None) -> None:
+    table = pa.Table.from_pylist(rows, schema=schema) if rows else (schema or pa.schema([])).empty_table()
+    with atomic_open(path, "wb") as fh:
+        pq.write_table(table, fh)
+
+
+def read_rows(path: Path) -> list[dict]:
+    return pq.read_table(path).to_pylist()
+
+
+def read_decisions(sweep_dir: Path) -> list[dict]:
+    p = Path(sweep_dir) / DECISIONS
+    if not p.exists():
+        return []
+    out = []
+    for line in p.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a torn last line after a crash: everything before it is intact
+    return out
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def trial_rows(results, *, metric: str, mode: str, phase: str, max_t: int, gpus: float, workers: int,
+               decisions: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Tune ``ResultGrid`` -> (trial rows, metric rows)."""
+    by_trial: dict[str, list[dict]] = {}
+    for d in decisions:
+        by_trial.setdefault(d["trial_id"], []).append(d)
+    rows, mrows = [], []
+    for r in results:
+        cfg = dict(r.config or {})
+        df = r.metrics_dataframe
+        hist = df.to_dict("records") if df is not None and len(df) else []
+        last = hist[-1] if hist else (r.metrics or {})
+        trial_id = (r.metrics or {}).get("trial_id") or last.get("trial_id") or Path(r.path).name
+        vals = [h.get(metric) for h in hist if _finite(h.get(metric)) and not h.get("sweeper_failed")]
+        best = (min(vals) if mode == "min" else max(vals)) if vals else None
+        final = last.get(metric) if _finite(last.get(metric)) and not last.get("sweeper_failed") else None
+        epochs = int(last.get("epoch") or 0)
+        stop_reason, rung = None, None
+        if r.error is not None:
+            status = "error"
+            stop_reason = _first_line(r.error)
+        elif last.get("sweeper_failed"):
+            status, stop_reason = "failed", str(last["sweeper_failed"])
+        elif epochs and epochs < max_t:
+            status, rung = "stopped", epochs
+            stops = [d for d in by_trial.get(trial_id, []) if d["action"] == "stop"]
+            if stops:
+                d = stops[-1]
+                stop_reason = (f"ASHA: {metric}={d['value']:.4g} worse than the rung-{d['rung']} cutoff "
+                               f"{d['cutoff']:.4g} ({d['rung_size']} trials at the rung)")
+            else:
+                stop_reason = f"stopped at epoch {epochs} of {max_t}"
+        elif not hist:
+            status = "pending"
+        else:
+            status = "completed"
+        if best is None and status in ("completed", "stopped"):
+            status, stop_reason = "failed", f"{metric} never finite"
+        wall = float(last.get("time_total_s") or 0.0)
+        ckpt = None
+        try:
+            ranked = [(c, m) for c, m in (r.best_checkpoints or []) if _finite(m.get(metric))]
+            if ranked:
+                ranked.sort(key=lambda cm: cm[1][metric], reverse=(mode == "max"))
+                ckpt = ranked[0][0].path
+            elif r.checkpoint is not None:
+                ckpt = r.checkpoint.path
+            else:  # a Ray Train worker group stores its own checkpoints and reports their paths
+                paths = [(h.get(metric), h.get("checkpoint_path")) for h in hist if h.get("checkpoint_path")]
+                paths = [(v, p) for v, p in paths if _finite(v)]
+                if paths:
+                    ckpt = sorted(paths, key=lambda vp: vp[0], reverse=(mode == "max"))[0][1]
+        except Exception:  # noqa: BLE001 - a trial without checkpoints simply has none
+            pass
+        row: dict[str, Any] = {
+            "trial_id": trial_id,
+            "phase": phase,
+            "config": json.dumps(cfg, sort_keys=True, default=str),
+            "status": status,
+            "stop_reason": stop_reason,
+            "rung": rung,
+            "epochs": epochs,
+            "metric": metric,
+            "final": final,
+            "best": best,
+            "wall_s": wall,
+            "accel_s": wall * gpus * workers,
+            "startup_s": float(last.get("time_startup_s") or 0.0),
+            "train_s": float(last.get("time_train_s") or 0.0),
+            "eval_s": float(last.get("time_eval_s") or 0.0),
+            "ckpt_s": float(last.get("time_ckpt_s") or 0.0),
+            "checkpoint": ckpt,
+            "path": r.path,
+        }
+        for k, v in cfg.items():
+            row[f"config.{k}"] = json.dumps(v) if not isinstance(v, (int, float, str, bool)) else str(v)
+        for k, v in last.items():
+            if k.startswith("val_") and _finite(v):
+                row[f"final.{k}"] = float(v)
+        rows.append(row)
+        for h in hist:
+            for k, v in h.items():
+                if _finite(v) and (k.startswith(("val_", "train_", "time_")) or k in ("epoch",)):
+                    mrows.append({"trial_id": trial_id, "phase": phase, "epoch": int(h.get("epoch") or 0),
+                                  "metric": k, "value": float(v)})
+    return rows, mrows
+
+
+def rank(rows: list[dict], mode: str) -> list[dict]:
+    """Rank by best selection metric. Errored, failed and NaN trials come last and get no rank.
+    Ties break on the final value, then fewer epochs (cheaper), then trial id: deterministic."""
+    def key(r):
+        ok = r["status"] in ("completed", "stopped") and _finite(r.get("best"))
+        if not ok:
+            return (1, 0.0, 0.0, 0, r["trial_id"])
+        sign = 1 if mode == "min" else -1
+        fin = r.get("final") if _finite(r.get("final")) else r["best"]
+        return (0, sign * r["best"], sign * fin, r.get("epochs") or 0, r["trial_id"])
+
+    out = sorted(rows, key=key)
+    n = 0
+    for r in out:
+        if r["status"] in ("completed", "stopped") and _finite(r.get("best")):
+            n += 1
+            r["rank"] = n
+        else:
+            r["rank"] = None
+    return out
+
+
+def _first_line(err) -> str:
+    s = str(err).strip()
+    lines = [ln for ln in s.splitlines() if ln.strip()]
+    # Ray wraps errors: the last line is usually the user's exception
+    return (lines[-1] if lines else repr(err))[:300]

@@ -1,0 +1,166 @@
+"""Phase 1: the sweep on Ray Tune (OptunaSearch proposes, ASHA stops, checkpoints kept by metric).
+
+One sweep directory per (manifest, overrides): ``<root>/<name>-<hash>``. Running the same
+command again resumes an interrupted sweep with its searcher and scheduler state, or reports a
+finished one without launching anything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import artifacts, results
+from .errors import NoResult, UserError
+from .manifest import Loaded
+from .progress import ProgressCallback
+
+log = logging.getLogger("sweeper")
+# Tune's own console output (config box, trial tables) is replaced by sweeper's quiet progress
+# line; full details stay in the experiment directory. Must be set before ray.tune is imported.
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+
+def make_scheduler(loaded: Loaded, decisions_path: Path):
+    m = loaded.manifest
+    if m.scheduler.type == "none":
+        return None
+    from .asha import RecordingASHA
+
+    return RecordingASHA(
+        time_attr=m.scheduler.time_attr,
+        max_t=m.scheduler.max_t,
+        grace_period=m.scheduler.grace_period,
+        reduction_factor=m.scheduler.reduction_factor,
+        decisions_path=str(decisions_path),
+    )
+
+
+def init_ray(address: str | None, *, num_cpus: int | None = None, dashboard: bool = True) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kw = dict(log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
+    if address:
+        ray.init(address=address, **kw)
+        artifacts.warn_if_unauthenticated()
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, **kw)
+
+
+def trial_resources(m) -> dict:
+    r = m.resources
+    if r.workers > 1:
+        # Train V2 pattern: the Tune trial only drives; its TorchTrainer asks Ray for the workers'
+        # resources itself. Reserving them here too (a placement group) would deadlock: the
+        # trainer's workers cannot use the trial's bundles. Concurrency is bounded by
+        # search.max_concurrent and by the workers' own resource requests.
+        return {"cpu": 0.01}
+    return {"cpu": r.cpus, "gpu": r.gpus}
+
+
+def run_phase(loaded: Loaded, sweep_dir: Path, *, phase: str = "sweep", spec_overrides: dict | None = None,
+              num_samples: int | None = None, searcher=True, param_space: dict | None = None,
+              retry_errored: bool = False, quiet: bool = False) -> list[dict]:
+    """Run (or resume) one Tune experiment under ``sweep_dir/<phase>``; returns ranked trial rows
+    and writes them to ``sweep_dir/<phase>/trials.parquet`` and ``metrics.parquet``."""
+    from ray import tune
+
+    from .space import make_searcher
+    from .trial import TrialSpec, trial_fn
+
+    m = loaded.manifest
+    phase_dir = sweep_dir / phase
+    phase_dir.mkdir(parents=True, exist_ok=True)
+    decisions_path = phase_dir / results.DECISIONS
+    spec = TrialSpec(manifest=loaded.resolved(), phase=phase, **(spec_overrides or {}))
+    trainable = tune.with_resources(tune.with_parameters(trial_fn, spec=spec), trial_resources(m))
+    exp_dir = phase_dir / "tune"
+    progress = ProgressCallback(m.name, phase, m.selection.metric, m.selection.mode, quiet=quiet)
+    sweep_name = m.name
+
+    def trial_name(trial) -> str:
+        return f"{sweep_name}_{phase}_{trial.trial_id}"
+
+    run_config = tune.RunConfig(
+        name="tune",
+        storage_path=str(phase_dir.resolve()),
+        verbose=0,
+        progress_reporter=None,
+        callbacks=[progress],
+        failure_config=tune.FailureConfig(max_failures=m.training.max_failures),
+        checkpoint_config=tune.CheckpointConfig(
+            num_to_keep=m.training.keep_checkpoints,
+            checkpoint_score_attribute=m.selection.metric,
+            checkpoint_score_order=m.selection.mode,
+        ),
+    )
+    if (exp_dir / "tuner.pkl").exists() and tune.Tuner.can_restore(str(exp_dir)):
+        log.info("resuming %s from %s", phase, exp_dir)
+        progress.note(f"resuming {phase} from {exp_dir}")
+        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=retry_errored, restart_errored=False,
+                                   param_space=None)
+    else:
+        srch, fixed = make_searcher(m.search, m.selection.metric, m.selection.mode) if searcher else (None, {})
+        space = dict(fixed)
+        if param_space:
+            space.update(param_space)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                search_alg=srch,
+                scheduler=make_scheduler(loaded, decisions_path) if phase == "sweep" else None,
+                num_samples=num_samples or m.search.num_samples,
+                max_concurrent_trials=m.search.max_concurrent,
+                metric=m.selection.metric,
+                mode=m.selection.mode,
+                reuse_actors=True,
+                trial_name_creator=trial_name,
+                trial_dirname_creator=trial_name,
+            ),
+            run_config=run_config,
+        )
+    grid = tuner.fit()
+    rows, mrows = results.trial_rows(
+        grid, metric=m.selection.metric, mode=m.selection.mode, phase=phase,
+        max_t=(spec.max_epochs or m.training.max_epochs), gpus=m.resources.gpus, workers=m.resources.workers,
+        decisions=results.read_decisions(phase_dir),
+    )
+    ranked = results.rank(rows, m.selection.mode)
+    results.write_table(phase_dir / results.TRIALS, ranked)
+    results.write_table(phase_dir / results.METRICS, mrows)
+    return ranked
+
+
+def run_sweep(loaded: Loaded, *, address: str | None = None, rerun: bool = False, retry_errored: bool = False,
+              quiet: bool = False, dashboard: bool = True) -> tuple[Path, list[dict]]:
+    m = loaded.manifest
+    root = artifacts.results_root(m)
+    sweep_dir = artifacts.sweep_dir_for(loaded, root, rerun=rerun)
+    state = artifacts.read_state(sweep_dir)
+    if state.get("status") == "complete" and not retry_errored:
+        rows = results.read_rows(sweep_dir / "sweep" / results.TRIALS)
+        print(f"sweep {sweep_dir.name} already complete; showing its results (use --rerun for a new sweep)")
+        return sweep_dir, rows
+    with artifacts.SweepLock(sweep_dir):
+        artifacts.write_inputs(loaded, sweep_dir, resumed=bool(state))
+        artifacts.link_latest(root, sweep_dir)
+        artifacts.write_state(sweep_dir, status="running", phase="sweep")
+        t0 = time.time()
+        init_ray(address, dashboard=dashboard)
+        rows = run_phase(loaded, sweep_dir, retry_errored=retry_errored, quiet=quiet)
+        artifacts.link_checkpoints(sweep_dir, rows)
+        artifacts.finish_metadata(sweep_dir, wall_s=time.time() - t0, rows=rows)
+        ok = [r for r in rows if r["rank"]]
+        artifacts.write_state(sweep_dir, status="complete" if ok else "no_result", phase="sweep")
+    if not ok:
+        raise NoResult(f"sweep {sweep_dir.name}: no trial produced a finite {m.selection.metric}; see {sweep_dir}/sweep/trials.parquet")
+    return sweep_dir, rows

@@ -1,0 +1,371 @@
+"""One trial: build data and model, restore or warm-start, train with Lightning, report every epoch.
+
+``trial_fn`` is the Ray Tune function trainable. One-worker trials train inside it; multi-worker
+trials (``resources.workers > 1``) start a Ray Train ``TorchTrainer`` whose workers run the same
+``train_loop`` with Ray's Lightning integration, and whose reports reach Tune through
+``TuneReportCallback`` so ASHA acts on multi-worker trials too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger("sweeper.trial")
+
+FAILED_KEY = "sweeper_failed"  # a reported metric holding the reason a trial failed (NaN loss, ...)
+
+
+@dataclass
+class TrialSpec:
+    """What a trial needs beyond its hyperparameters (passed with ``tune.with_parameters``)."""
+
+    manifest: dict
+    phase: str = "sweep"
+    seed: int | None = None
+    init_from: str | None = None  # checkpoint dir to warm-start from (promotion phases)
+    transfer: str = "compatible"  # how init_from is applied: compatible | backbone
+    max_epochs: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class Reporter:
+    """Where metrics and checkpoints go: Tune in a trial, Ray Train in a worker group, a list in tests."""
+
+    def report(self, metrics: dict, ckpt_dir: str | None) -> None:
+        raise NotImplementedError  # abstract
+
+    def restore_dir(self) -> Callable | None:
+        return None
+
+
+class TuneReporter(Reporter):
+    def report(self, metrics, ckpt_dir):
+        from ray import tune
+
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
+
+    def restore_candidates(self) -> list[str]:
+        """The checkpoint Tune hands back, then every other checkpoint of this trial, newest first:
+        if the newest fails verification (a crash mid-upload) we fall back instead of starting over."""
+        from ray import tune
+
+        out = []
+        ck = tune.get_checkpoint()
+        if ck is not None:
+            out.append(ck.path)
+        try:
+            trial_dir = Path(tune.get_context().get_trial_dir())
+            others = sorted(trial_dir.glob("checkpoint_*"), key=lambda p: p.name, reverse=True)
+            out += [str(p) for p in others if str(p) not in out]
+        except Exception:  # noqa: BLE001 - remote storage: only Tune's own checkpoint is available
+            pass
+        return out
+
+
+class TrainReporter(Reporter):
+    """Inside a Ray Train worker group: every rank reports, rank 0 attaches the checkpoint."""
+
+    def report(self, metrics, ckpt_dir):
+        import ray.train
+
+        rank = ray.train.get_context().get_world_rank()
+        ck = ray.train.Checkpoint.from_directory(ckpt_dir) if (ckpt_dir and rank == 0) else None
+        ray.train.report(metrics, checkpoint=ck)
+
+    def restore_candidates(self) -> list[str]:
+        import ray.train
+
+        ck = ray.train.get_checkpoint()
+        return [ck.path] if ck is not None else []
+
+
+class ListReporter(Reporter):
+    """For tests and benchmarks: keeps reports in memory, checkpoints in a directory."""
+
+    def __init__(self, ckpt_root: str | None = None):
+        self.reports: list[dict] = []
+        self.ckpt_root = ckpt_root
+        self.checkpoints: list[str] = []
+
+    def report(self, metrics, ckpt_dir):
+        self.reports.append(dict(metrics))
+        if ckpt_dir and self.ckpt_root:
+            dst = Path(self.ckpt_root) / f"checkpoint_{int(metrics.get('epoch', len(self.reports))):06d}"
+            shutil.copytree(ckpt_dir, dst)
+            self.checkpoints.append(str(dst))
+
+    def restore_candidates(self):
+        return list(reversed(self.checkpoints))
+
+
+def _hparams(config: dict, family):
+    from trainables.base import HParams
+
+    return HParams.from_config(config, family.info.hyperparameters)
+
+
+def train_loop(config: dict, spec: TrialSpec, reporter: Reporter, *, use_ray_train: bool = False) -> dict:
+    """Train one configuration. Returns the last metrics. Never raises for a NaN loss: the trial
+    is reported as failed with the reason (retrying a deterministic NaN would only burn time)."""
+    t0 = time.perf_counter()
+    _quiet_worker()
+    import lightning.pytorch as pl
+    import torch
+
+    from trainables import registry
+    from trainables.base import cached_splits, resolve_precision, seed_everything
+    from trainables.lit import LitTrial, NonFiniteLoss
+
+    from . import checkpoint as ckpt_mod
+    from .transfer import apply_transfer
+
+    m = spec.manifest
+    family = registry.get(m["trainable"])
+    training = m["training"]
+    init_from, transfer, seed = spec.init_from or m.get("init_from"), spec.transfer, spec.seed
+    if spec.init_from is None and m.get("init_from"):
+        transfer = m.get("init_transfer", "compatible")
+    run = config.get("_run")
+    if isinstance(run, dict):  # a fixed promotion run: its own seed, start weights and hyperparameters
+        seed, init_from, transfer = run["seed"], run["init_from"], run.get("transfer", transfer)
+        config = dict(run["hp"])
+    seed = training["seed"] if seed is None else seed
+    seed_everything(seed, training["deterministic"])
+    hp = _hparams(config, family)
+    splits = cached_splits(family, m["data"], m["model"])
+    _check_coverage(splits, m["data"]["min_rows"])
+    model = family.build_model(m["model"], splits, hp)
+    init_report = {}
+    if init_from:
+        src = ckpt_mod.load_weights_file(init_from)
+        init_report = apply_transfer(model, src, transfer, family.info.backbone_prefix)
+        log.info("warm start from %s (%s): %d copied, %d skipped", init_from, transfer,
+                 len(init_report["copied"]), len(init_report["skipped"]))
+
+    # resume: newest checkpoint of this trial that verifies
+    start_epoch, opt_state = 0, None
+    cands = reporter.restore_candidates() if hasattr(reporter, "restore_candidates") else []
+    if cands:
+        best, _skipped = ckpt_mod.latest_valid_checkpoint([Path(c) for c in cands])  # logs each skipped one
+        if best is not None:
+            loaded = ckpt_mod.load_checkpoint(best)
+            model.load_state_dict(loaded.model_state)
+            opt_state = loaded.optimizer_state
+            start_epoch = int(loaded.state.get("epoch", 0))
+            log.info("resumed from %s at epoch %d", best, start_epoch)
+
+    on_gpu = torch.cuda.is_available() and (m["resources"]["gpus"] > 0)
+    precision = resolve_precision(training["precision"], on_gpu, family.info)
+    max_epochs = spec.max_epochs or training["max_epochs"]
+    bs = hp.batch_size
+    train_ds = splits.get("train", "fit")
+    val_ds = splits.get("val_select", "select")
+    steps_per_epoch = -(-len(train_ds) // bs)
+    if training.get("limit_train_batches"):
+        steps_per_epoch = min(steps_per_epoch, training["limit_train_batches"])
+    lit = LitTrial(family, model, hp, splits, total_steps=steps_per_epoch * max_epochs,
+                   step_offset=steps_per_epoch * start_epoch, optimizer_state=opt_state)
+    state = {"start": t0, "ckpt_s": 0.0, "first_step": None, "last": {}}
+    report_cb = _ReportCallback(reporter, spec, start_epoch, state, family, init_report, config, seed)
+    kwargs: dict[str, Any] = {}
+    if use_ray_train:
+        from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment
+
+        kwargs.update(strategy=RayDDPStrategy(), plugins=[RayLightningEnvironment()], devices="auto",
+                      accelerator="gpu" if on_gpu else "cpu")
+    else:
+        kwargs.update(accelerator="gpu" if on_gpu else "cpu", devices=1)
+    remaining = max_epochs - start_epoch
+    if remaining <= 0:
+        return state["last"]
+    trainer = pl.Trainer(
+        max_epochs=remaining,
+        precision=precision,
+        gradient_clip_val=(hp.grad_clip if hp.grad_clip is not None else training["grad_clip"]) or None,
+        limit_train_batches=training.get("limit_train_batches") or 1.0,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=False,
+        callbacks=[report_cb],
+        deterministic=False,  # seeding + use_deterministic_algorithms(warn_only) is set above
+        **kwargs,
+    )
+    if use_ray_train:
+        from ray.train.lightning import prepare_trainer
+
+        trainer = prepare_trainer(trainer)
+    gen_seed = seed * 7919 + start_epoch  # a resumed run sees a different (but seeded) order
+    train_loader = family.loader(train_ds, bs, shuffle=True, seed=gen_seed)
+    val_loader = family.loader(val_ds, training["eval_batch_size"], shuffle=False, seed=0)
+    try:
+        trainer.fit(lit, train_loader, val_loader)
+    except NonFiniteLoss as e:
+        metrics = {**state["last"], FAILED_KEY: str(e), "epoch": start_epoch + trainer.current_epoch + 1}
+        metrics[m["selection"]["metric"]] = float("inf") if m["selection"]["mode"] == "min" else float("-inf")
+        reporter.report(metrics, None)
+        return metrics
+    return state["last"]
+
+
+def _check_coverage(splits, min_rows: dict) -> None:
+    from .errors import UserError
+
+    sizes = splits.sizes()
+    short = [f"{s} has {sizes.get(s, 0)} rows, needs >= {n}" for s, n in min_rows.items() if sizes.get(s, 0) < n]
+    if short:
+        raise UserError("data coverage below threshold (data.min_rows): " + "; ".join(short))
+
+
+class _ReportCallback:
+    """Lightning callback (duck-typed to avoid importing lightning at module import)."""
+
+    def __new__(cls, *a, **k):
+        import lightning.pytorch as pl
+
+        class ReportCallback(pl.Callback):
+            def __init__(self, reporter, spec, start_epoch, state, family, init_report, config, seed):
+                self.reporter, self.spec, self.start_epoch = reporter, spec, start_epoch
+                self.state, self.family, self.init_report = state, family, init_report
+                self.config, self.seed = config, seed
+
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if self.state["first_step"] is None:
+                    self.state["first_step"] = time.perf_counter()
+
+            def on_validation_end(self, trainer, pl_module):
+                if trainer.sanity_checking:
+                    return
+                from . import checkpoint as ckpt_mod
+
+                epoch = self.start_epoch + trainer.current_epoch + 1
+                metrics = dict(pl_module.last_metrics)
+                now = time.perf_counter()
+                st = self.state
+                metrics.update(
+                    epoch=epoch,
+                    phase=self.spec.phase,
+                    time_startup_s=(st["first_step"] or now) - st["start"],
+                    time_train_s=pl_module.timing["train_s"],
+                    time_eval_s=pl_module.timing["eval_s"],
+                    time_ckpt_s=st["ckpt_s"],
+                )
+                if self.init_report and epoch == self.start_epoch + 1:
+                    metrics["transfer_copied"] = len(self.init_report.get("copied", []))
+                    metrics["transfer_skipped"] = len(self.init_report.get("skipped", []))
+                t = time.perf_counter()
+                tmp = tempfile.mkdtemp(prefix="sweeper-ckpt-")
+                try:
+                    rank0 = trainer.global_rank == 0
+                    ck = os.path.join(tmp, "ckpt")
+                    if rank0:
+                        opt = trainer.optimizers[0].state_dict() if trainer.optimizers else None
+                        ckpt_mod.write_checkpoint(
+                            ck, {k: v.detach().cpu() for k, v in pl_module.model.state_dict().items()}, opt,
+                            {"epoch": epoch, "global_step": int(trainer.global_step) + 0, "metrics": metrics,
+                             "trainable": self.family.info.name, "phase": self.spec.phase, "seed": self.seed,
+                             "config": self.config, "transfer": {k: self.init_report[k] for k in ("rule", "copied", "skipped")}
+                             if self.init_report else None},
+                        )
+                    st["ckpt_s"] += time.perf_counter() - t
+                    metrics["time_ckpt_s"] = st["ckpt_s"]
+                    st["last"] = metrics
+                    self.reporter.report(metrics, ck if rank0 else None)
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+
+        return ReportCallback(*a, **k)
+
+
+# ------------------------------------------------------------------------------- Tune entry points
+
+
+def trial_fn(config: dict, spec: TrialSpec) -> None:
+    """Ray Tune function trainable."""
+    _quiet_worker()
+    workers = spec.manifest["resources"]["workers"]
+    if workers <= 1:
+        train_loop(config, spec, TuneReporter())
+        return
+    _run_worker_group(config, spec)
+
+
+def _run_worker_group(config: dict, spec: TrialSpec) -> None:
+    """A multi-worker trial: a Ray Train TorchTrainer inside the Tune trial (Train V2 pattern)."""
+    from ray import tune
+    from ray.train import RunConfig, ScalingConfig, FailureConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    res = spec.manifest["resources"]
+    ctx = tune.get_context()
+    trial_dir = Path(ctx.get_trial_dir())
+
+    def worker(cfg):
+        _quiet_worker()
+        train_loop(cfg, spec, TrainReporter(), use_ray_train=True)
+
+    trainer = TorchTrainer(
+        worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(
+            num_workers=res["workers"],
+            use_gpu=res["gpus"] > 0,
+            resources_per_worker={"CPU": res["cpus"], **({"GPU": res["gpus"]} if res["gpus"] else {})},
+        ),
+        run_config=RunConfig(
+            name="train",
+            storage_path=str(trial_dir),
+            callbacks=[TuneReportCallback()],
+            failure_config=FailureConfig(max_failures=spec.manifest["training"]["max_failures"]),
+        ),
+    )
+    trainer.fit()
+
+
+def _quiet_worker() -> None:
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import warnings
+
+    warnings.filterwarnings("ignore", module="lightning")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def evaluate(manifest: dict, config: dict, weights: str, split: str = "test", role: str = "report") -> dict:
+    """Evaluate saved weights on one split, with the split's role checked (the test split only
+    serves the final report of a promoted model). Metric names take the split's prefix."""
+    import torch
+
+    from trainables import registry
+    from trainables.base import cached_splits, seed_everything
+
+    from . import checkpoint as ckpt_mod
+
+    _quiet_worker()
+    family = registry.get(manifest["trainable"])
+    seed_everything(manifest["training"]["seed"], manifest["training"]["deterministic"])
+    hp = _hparams({k: v for k, v in config.items() if not k.startswith("_")}, family)
+    splits = cached_splits(family, manifest["data"], manifest["model"])
+    if not splits.has(split):
+        return {}
+    ds = splits.get(split, role)
+    model = family.build_model(manifest["model"], splits, hp)
+    model.load_state_dict(ckpt_mod.load_weights_file(weights))
+    model.eval()
+    outs = []
+    with torch.no_grad():
+        for batch in family.loader(ds, manifest["training"]["eval_batch_size"], shuffle=False, seed=0):
+            outs.append(family.eval_batch(model, batch))
+    out = {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+    prefix = {"test": "test_", "val_calib": "calib_", "val_select": "val_"}[split]
+    return {prefix + k[len("val_"):]: v for k, v in family.metrics(out, splits).items()}
