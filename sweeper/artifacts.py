@@ -3,7 +3,7 @@
 ```
 <root>/latest -> <name>-<hash>
 <root>/<name>-<hash>/
-    manifest.resolved.yaml   manifest.original.yaml   overrides.yaml (when any)
+    manifest.resolved.yaml   manifest.original.yaml   overrides.yaml ({} when none)
     run_metadata.json        state.json               logs/sweeper.log
     sweep/trials.parquet     sweep/metrics.parquet    sweep/decisions.jsonl   sweep/tune/...
     checkpoints/best -> ...  checkpoints/second_best  checkpoints/third_best
@@ -105,8 +105,8 @@ def _now() -> str:
 def write_inputs(loaded: Loaded, sweep_dir: Path, resumed: bool = False) -> None:
     atomic_write_text(sweep_dir / "manifest.resolved.yaml", yaml.safe_dump(loaded.resolved(), sort_keys=False))
     atomic_write_text(sweep_dir / "manifest.original.yaml", loaded.original_text)
-    if loaded.overrides:
-        atomic_write_text(sweep_dir / "overrides.yaml", yaml.safe_dump(loaded.overrides, sort_keys=False))
+    # always written ({} when none) so a results directory has the same files whatever the command line
+    atomic_write_text(sweep_dir / "overrides.yaml", yaml.safe_dump(dict(loaded.overrides), sort_keys=False))
     meta_path = sweep_dir / "run_metadata.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     runs = meta.get("runs", [])

@@ -23,6 +23,8 @@ log = logging.getLogger("sweeper")
 # Tune's own console output (config box, trial tables) is replaced by sweeper's quiet progress
 # line; full details stay in the experiment directory. Must be set before ray.tune is imported.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+# Tune warns on every forced experiment snapshot (each checkpoint with num_to_keep set): noise for users.
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 
 def make_scheduler(loaded: Loaded, decisions_path: Path):
