@@ -126,6 +126,34 @@ def write_inputs(loaded: Loaded, sweep_dir: Path, resumed: bool = False) -> None
     (sweep_dir / "logs").mkdir(exist_ok=True)
 
 
+@contextlib.contextmanager
+def driver_log(sweep_dir: Path):
+    """Everything the driver logs at INFO (sweeper, Tune, Train) goes to ``logs/sweeper.log`` while
+    the console shows only the progress view; each trial's own log is ``trial.log`` in its trial dir."""
+    (sweep_dir / "logs").mkdir(exist_ok=True)
+    h = logging.FileHandler(sweep_dir / "logs" / "sweeper.log")
+    h.setLevel(logging.INFO)
+    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    touched = []
+    for name in ("sweeper", "ray.tune", "ray.train"):
+        lg = logging.getLogger(name)
+        lg.addHandler(h)
+        touched.append((lg, lg.level))
+        if lg.getEffectiveLevel() > logging.INFO:
+            lg.setLevel(logging.INFO)
+    # the console handlers keep showing warnings only
+    for ch in logging.getLogger().handlers + logging.getLogger("ray").handlers:
+        if ch.level < logging.WARNING:
+            ch.setLevel(logging.WARNING)
+    try:
+        yield h
+    finally:
+        for lg, lvl in touched:
+            lg.removeHandler(h)
+            lg.setLevel(lvl)
+        h.close()
+
+
 def finish_metadata(sweep_dir: Path, **kw) -> None:
     p = sweep_dir / "run_metadata.json"
     meta = json.loads(p.read_text())

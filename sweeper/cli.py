@@ -4,6 +4,8 @@
     sweeper validate --manifest M.yaml [key=value ...]
     sweeper leaderboard [SWEEP_DIR] [--limit N] [--json] [--all]
     sweeper resume SWEEP_DIR [--retry-errored]
+    sweeper cost [SWEEP_DIR] [--json]                  seconds per trial part, ASHA rung, phase, sweep
+    sweeper explain TRIAL [SWEEP_DIR] [--json]         one trial's ASHA decisions and cost
 
 User errors print one line and exit non-zero (codes in ``sweeper.errors``); tracebacks are for bugs.
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from .errors import EXIT_BUG, EXIT_OK, SweeperError
 
-VERBS = ("run", "validate", "leaderboard", "resume", "export", "decrypt", "verify")
+VERBS = ("run", "validate", "leaderboard", "resume", "export", "decrypt", "verify", "cost", "explain")
 
 
 def _add_manifest_args(p: argparse.ArgumentParser) -> None:
@@ -60,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     ve = sub.add_parser("verify", help="verify an export directory, an .enc file, or a checkpoint directory")
     ve.add_argument("path")
     ve.add_argument("--key-env", metavar="VAR")
+    co = sub.add_parser("cost", help="where a sweep's wall and accelerator seconds went (per trial part, rung, phase)")
+    co.add_argument("sweep_dir", nargs="?", help="a sweep directory (default: results/latest)")
+    co.add_argument("--json", action="store_true", help="machine-readable output")
+    xp = sub.add_parser("explain", help="one trial: every ASHA decision, why it stopped, its cost")
+    xp.add_argument("trial", help="trial id (or its unique suffix)")
+    xp.add_argument("sweep_dir", nargs="?", help="a sweep directory (default: results/latest)")
+    xp.add_argument("--json", action="store_true")
     rs = sub.add_parser("resume", help="resume an interrupted sweep from its directory")
     rs.add_argument("sweep_dir")
     rs.add_argument("--retry-errored", action="store_true")
@@ -80,13 +89,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return {"run": cmd_run, "validate": cmd_validate, "leaderboard": cmd_leaderboard, "resume": cmd_resume,
-                "export": cmd_export, "decrypt": cmd_decrypt, "verify": cmd_verify}[args.verb](args) or 0
+                "export": cmd_export, "decrypt": cmd_decrypt, "verify": cmd_verify, "cost": cmd_cost,
+                "explain": cmd_explain}[args.verb](args) or 0
     except SweeperError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted: the sweep can be resumed by running the same command again", file=sys.stderr)
         return 130
+
+
+# Everything str.splitlines() breaks on: a key or value quoted from a hostile manifest must not
+# turn the one-line error into several (or forge a second "error:" line).
+_LINE_BREAKS = {c: c.encode("unicode_escape").decode("ascii") for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
+def _one_line(text: str) -> str:
+    return text.translate(str.maketrans(_LINE_BREAKS))
 
 
 def _load(args):
@@ -146,11 +165,19 @@ def plan(loaded) -> dict:
         "max_epochs": m.training.max_epochs,
         "concurrency": conc,
         "per_trial": {"cpus": r.cpus, "gpus": r.gpus, "workers": r.workers},
-        "peak": {"cpus": conc * r.cpus * r.workers, "gpus": conc * r.gpus * r.workers},
+        "peak": {"cpus": conc * r.cpus * r.workers,
+                 "gpus": f"{conc} x auto" if r.gpus == "auto" else conc * r.gpus * r.workers},
+        **({"gpus_auto": _packing_plan(loaded)} if r.gpus == "auto" else {}),
         "budget_epochs_max": n * m.training.max_epochs,
         "budget_epochs_asha_ideal": round(budget, 1),
         "results_root": m.output.root,
     }
+
+
+def _packing_plan(loaded) -> dict:
+    from .packing import plan_entry
+
+    return plan_entry(loaded.resolved())
 
 
 def cmd_run(args) -> int:
@@ -234,6 +261,24 @@ def cmd_leaderboard(args) -> int:
         print(json.dumps({"sweep": d.name, "trials": out, **extra}, indent=2, default=str))
     else:
         leaderboard.render(d, rows, extra, args.limit)
+    return 0
+
+
+def cmd_cost(args) -> int:
+    from . import cost, leaderboard
+
+    d = leaderboard.resolve_sweep_dir(args.sweep_dir)
+    rep = cost.report(d)
+    print(json.dumps(rep, indent=2) if args.json else cost.render(rep))
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from . import cost, leaderboard
+
+    d = leaderboard.resolve_sweep_dir(args.sweep_dir)
+    e = cost.explain(d, args.trial)
+    print(json.dumps(e, indent=2, default=str) if args.json else cost.render_explain(e))
     return 0
 
 

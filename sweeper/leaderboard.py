@@ -67,6 +67,10 @@ def render(sweep_dir: Path, rows: list[dict], extra: dict, limit: int | None, co
         t.add_row(_fmt(r.get("rank")), r["trial_id"], r["status"], _fmt(r.get("best")), _fmt(r.get("final")),
                   _fmt(r.get("epochs")), f"{r.get('wall_s') or 0:.1f}", _params(r), r.get("stop_reason") or "")
     console.print(t)
+    if rows and "idle_s" in rows[0]:
+        from .cost import totals_line
+
+        console.print(totals_line(rows))
     fan = extra.get("fanout")
     if fan:
         ft = Table(title=f"seed fan-out ({extra.get('metric', metric)}): final choice on the seed mean")

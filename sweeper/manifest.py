@@ -60,6 +60,8 @@ class GeneratorSpec(Strict):
     """images_synthetic: number of classes."""
     image_size: int = Field(28, ge=14, le=1024)
     noise: float = Field(0.1, ge=0.0)
+    doc_words: list[int] = Field(default_factory=lambda: [10, 16], min_length=2, max_length=2)
+    """qwen_synthetic: filler words per document, [low, high] (about 3 tokens each; [400, 420] fills 1024)."""
 
 
 SPLITS = ("train", "val_select", "val_calib", "test")
@@ -92,14 +94,17 @@ class Resources(Strict):
     """What one trial asks of the cluster."""
 
     cpus: float = Field(1.0, gt=0)
-    gpus: float = Field(0.0, ge=0)
-    """Per worker. A fraction (0.25) packs several small trials on one GPU."""
+    gpus: Union[Annotated[float, Field(ge=0)], Literal["auto"]] = 0.0
+    """Per worker. A fraction (0.25) packs several small trials on one GPU. ``auto``: the fraction
+    1/k from a one-step memory probe at sweep start (never over-committing); 0 where there is no GPU."""
     workers: int = Field(1, ge=1, le=1024)
     """More than one runs the trial as a Ray Train TorchTrainer worker group."""
 
     @field_validator("gpus")
     @classmethod
-    def _frac(cls, v: float) -> float:
+    def _frac(cls, v):
+        if v == "auto":
+            return v
         if v > 1 and v != int(v):
             raise ValueError(f"got {v}; above 1 a GPU count must be whole")
         return v
@@ -179,9 +184,44 @@ class TrainingSpec(Strict):
     grad_clip: float = Field(1.0, ge=0)
     max_failures: int = Field(2, ge=0)
     """Retries of a failed trial, each from its last checkpoint."""
+    hang_timeout_s: float | None = Field(None, gt=0)
+    """A running trial that reports nothing for this long (startup included) is killed and counts
+    as a failure (retried from its last checkpoint, up to ``max_failures``). None: no watchdog."""
     keep_checkpoints: int = Field(2, ge=1)
     """Checkpoints kept per trial, best by the selection metric."""
+    checkpoint_every: int = Field(1, ge=0)
+    """Checkpoint every N epochs and at the last one; 0: never (benchmarks only: nothing to promote or resume)."""
     deterministic: bool = True
+    strategy: Literal["auto", "lightning", "plain", "ddp", "deepspeed"] = "auto"
+    """How a trial trains (docs/gpu.md). ``auto``: GPU trials take the fast path (trainables/speed.py):
+    plain PyTorch on one worker, DeepSpeed on several; CPU trials the Lightning loop. ``lightning``:
+    always the Lightning loop. ``plain``: one worker, plain PyTorch. ``ddp`` / ``deepspeed``: by name."""
+    deepspeed: "DeepSpeedSpec" = Field(default_factory=lambda: DeepSpeedSpec())
+    """ZeRO settings when the strategy is DeepSpeed."""
+    compile: Literal["auto"] | bool = "auto"
+    """Regional torch.compile of the repeated blocks. ``auto``: on GPU, except under ZeRO-3."""
+
+
+class DeepSpeedSpec(Strict):
+    stage: Literal[0, 1, 2, 3] = 2
+    """ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters."""
+    offload_optimizer: bool = False
+    """Optimizer state and step on the CPU (ZeRO-Offload): fits larger models, much slower."""
+    offload_params: bool = False
+    """Parameters on the CPU between uses (ZeRO-Infinity); stage 3 only."""
+    config: dict[str, Any] = Field(default_factory=dict)
+    """Raw DeepSpeed config merged over the generated one (expert use)."""
+
+    @model_validator(mode="after")
+    def _offload(self) -> "DeepSpeedSpec":
+        if self.offload_params and self.stage != 3:
+            raise ValueError("offload_params needs stage: 3")
+        if self.offload_optimizer and self.stage == 0:
+            raise ValueError("offload_optimizer needs stage 1, 2 or 3")
+        return self
+
+
+TrainingSpec.model_rebuild()
 
 
 class OutputSpec(Strict):
@@ -420,7 +460,8 @@ def _loc(loc: tuple) -> str:
     for x in loc:
         if isinstance(x, int):
             parts.append(f"[{x}]")
-        elif x in ("loguniform", "uniform", "int", "quniform", "choice", "int|float|str|bool", "str", "int", "float", "bool"):
+        elif x in ("loguniform", "uniform", "int", "quniform", "choice", "int|float|str|bool", "str", "int", "float", "bool",
+                   "constrained-float"):
             # pydantic adds the union branch it tried; the user's key is what matters
             continue
         else:
@@ -525,8 +566,10 @@ def _semantic_problems(m) -> list[str]:
     for split, p in ((data.paths or {}).items() if data is not None else ()):
         if not Path(p).exists():
             out.append(f"`data.paths.{split}`: {p} does not exist")
-    if res is not None and res.workers > 1 and res.gpus != int(res.gpus):
+    if res is not None and res.workers > 1 and res.gpus != "auto" and res.gpus != int(res.gpus):
         out.append("`resources.gpus`: a multi-worker trial takes whole GPUs per worker")
+    if res is not None and tr is not None and tr.strategy == "plain" and res.workers > 1:
+        out.append("`training.strategy`: plain runs one worker; use ddp or deepspeed with `resources.workers` > 1")
     return out
 
 

@@ -228,8 +228,13 @@ def _run_fixed(loaded: Loaded, sweep_dir: Path, phase: str, runs: list[dict], ep
 
     from .runner import run_phase
 
-    return run_phase(loaded, sweep_dir, phase=phase, spec_overrides={"max_epochs": epochs},
-                     num_samples=1, searcher=False, param_space={"_run": tune.grid_search(runs)}, quiet=quiet)
+    import logging
+
+    with artifacts.driver_log(sweep_dir):
+        logging.getLogger("sweeper.promote").info("phase %s: %d fixed runs of %d epochs: %s", phase, len(runs), epochs,
+                                                  json.dumps(runs, default=str))
+        return run_phase(loaded, sweep_dir, phase=phase, spec_overrides={"max_epochs": epochs},
+                         num_samples=1, searcher=False, param_space={"_run": tune.grid_search(runs)}, quiet=quiet)
 
 
 def _from_checkpoint(loaded: Loaded, path: str, rerun: bool) -> tuple[Path, list[dict]]:

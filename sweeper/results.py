@@ -56,7 +56,7 @@ def _finite(x) -> bool:
 
 
 def trial_rows(results, *, metric: str, mode: str, phase: str, max_t: int, gpus: float, workers: int,
-               decisions: list[dict]) -> tuple[list[dict], list[dict]]:
+               decisions: list[dict], cpus: float = 1.0) -> tuple[list[dict], list[dict]]:
     """Tune ``ResultGrid`` -> (trial rows, metric rows)."""
     by_trial: dict[str, list[dict]] = {}
     for d in decisions:
@@ -91,9 +91,13 @@ def trial_rows(results, *, metric: str, mode: str, phase: str, max_t: int, gpus:
             status = "pending"
         else:
             status = "completed"
+            passed = [d for d in by_trial.get(trial_id, []) if d.get("rung") is not None and d["action"] == "continue"]
+            if passed:
+                stop_reason = "ran to max_t; ASHA continued it at " + ", ".join(
+                    f"rung {d['rung']} ({d['value']:.4g} vs cutoff {_g(d.get('cutoff'))})" for d in passed)
         if best is None and status in ("completed", "stopped"):
             status, stop_reason = "failed", f"{metric} never finite"
-        wall = float(last.get("time_total_s") or 0.0)
+        acct = accounting(last, gpus=gpus, cpus=cpus, workers=workers)
         ckpt = None
         try:
             ranked = [(c, m) for c, m in (r.best_checkpoints or []) if _finite(m.get(metric))]
@@ -120,14 +124,14 @@ def trial_rows(results, *, metric: str, mode: str, phase: str, max_t: int, gpus:
             "metric": metric,
             "final": final,
             "best": best,
-            "wall_s": wall,
-            "accel_s": wall * gpus * workers,
-            "startup_s": float(last.get("time_startup_s") or 0.0),
-            "train_s": float(last.get("time_train_s") or 0.0),
-            "eval_s": float(last.get("time_eval_s") or 0.0),
-            "ckpt_s": float(last.get("time_ckpt_s") or 0.0),
+            **acct,
+            "asha_decisions": json.dumps([{k: d.get(k) for k in ("rung", "time", "value", "cutoff", "rung_size", "action")}
+                                          for d in by_trial.get(trial_id, [])]) if by_trial.get(trial_id) else None,
+            "worker_pid": int(last["pid"]) if _finite(last.get("pid")) else None,
+            "data_cache_hit": bool(last["data_cache_hit"]) if _finite(last.get("data_cache_hit")) else None,
             "checkpoint": ckpt,
             "path": r.path,
+            "node_id": last.get("node_id") or (r.metrics or {}).get("node_id"),
         }
         for k, v in cfg.items():
             row[f"config.{k}"] = json.dumps(v) if not isinstance(v, (int, float, str, bool)) else str(v)
@@ -141,6 +145,27 @@ def trial_rows(results, *, metric: str, mode: str, phase: str, max_t: int, gpus:
                     mrows.append({"trial_id": trial_id, "phase": phase, "epoch": int(h.get("epoch") or 0),
                                   "metric": k, "value": float(v)})
     return rows, mrows
+
+
+COST_PARTS = ("startup_s", "train_s", "eval_s", "ckpt_s", "idle_s")
+
+
+def accounting(last: dict, *, gpus: float, cpus: float, workers: int) -> dict:
+    """A trial's wall seconds split into start-up, training steps, evaluation, checkpointing and
+    idle (the rest: waiting on Tune between reports, data loading outside the timed loops), and its
+    accelerator seconds. Wall is the trial's own clock (``time_wall_s``: trial start to its last
+    report, checkpoint included), else Tune's ``time_total_s``. On CPU (gpus 0) the accelerator
+    seconds are CPU-slot seconds (wall x cpus x workers) and ``accel_unit`` says so."""
+    parts = {k: max(0.0, float(last.get("time_" + k[:-2] + "_s") or 0.0)) for k in COST_PARTS[:-1]}
+    wall = float(last.get("time_wall_s") or last.get("time_total_s") or 0.0)
+    wall = max(wall, sum(parts.values()))  # parts are sub-intervals of the trial's clock
+    parts["idle_s"] = wall - sum(parts.values())
+    slots, unit = (gpus, "gpu_s") if gpus else (cpus, "cpu_slot_s")
+    return {"wall_s": wall, "accel_s": wall * slots * workers, "accel_unit": unit, **parts}
+
+
+def _g(v) -> str:
+    return "-" if v is None else f"{v:.4g}"
 
 
 def rank(rows: list[dict], mode: str) -> list[dict]:

@@ -56,15 +56,26 @@ def init_ray(address: str | None, *, num_cpus: int | None = None, dashboard: boo
         ray.init(num_cpus=num_cpus, include_dashboard=dashboard, **kw)
 
 
-def trial_resources(m) -> dict:
+def trial_resources(m, gpus: float | None = None) -> dict:
     r = m.resources
+    gpus = r.gpus if gpus is None else gpus  # resolved by run_phase when the manifest says `auto`
     if r.workers > 1:
         # Train V2 pattern: the Tune trial only drives; its TorchTrainer asks Ray for the workers'
         # resources itself. Reserving them here too (a placement group) would deadlock: the
         # trainer's workers cannot use the trial's bundles. Concurrency is bounded by
         # search.max_concurrent and by the workers' own resource requests.
         return {"cpu": 0.01}
-    return {"cpu": r.cpus, "gpu": r.gpus}
+    return {"cpu": r.cpus, "gpu": gpus}
+
+
+def _watchdogs(m) -> list:
+    """``training.hang_timeout_s``: kill a trial that stops reporting, so FailureConfig retries it."""
+    timeout = getattr(m.training, "hang_timeout_s", None)
+    if not timeout:
+        return []
+    from .watchdog import HangWatchdog
+
+    return [HangWatchdog(timeout)]
 
 
 def run_phase(loaded: Loaded, sweep_dir: Path, *, phase: str = "sweep", spec_overrides: dict | None = None,
@@ -82,9 +93,17 @@ def run_phase(loaded: Loaded, sweep_dir: Path, *, phase: str = "sweep", spec_ove
     phase_dir.mkdir(parents=True, exist_ok=True)
     decisions_path = phase_dir / results.DECISIONS
     spec = TrialSpec(manifest=loaded.resolved(), phase=phase, **(spec_overrides or {}))
-    trainable = tune.with_resources(tune.with_parameters(trial_fn, spec=spec), trial_resources(m))
+    from .packing import resolve_gpus
+
+    gpus = resolve_gpus(spec.manifest, sweep_dir, notice=(lambda s: None) if quiet else print)
+    spec.manifest["resources"]["gpus"] = gpus  # trials see a number, never `auto`
+    trainable = tune.with_resources(tune.with_parameters(trial_fn, spec=spec), trial_resources(m, gpus))
     exp_dir = phase_dir / "tune"
-    progress = ProgressCallback(m.name, phase, m.selection.metric, m.selection.mode, quiet=quiet)
+    progress = ProgressCallback(m.name, phase, m.selection.metric, m.selection.mode, quiet=quiet,
+                                out_dir=phase_dir, total=num_samples or m.search.num_samples)
+    from .metrics import MetricsCallback
+
+    dash = MetricsCallback(m.name, phase, m.selection.metric, m.selection.mode, gpus=gpus, workers=m.resources.workers)
     sweep_name = m.name
 
     def trial_name(trial) -> str:
@@ -95,7 +114,7 @@ def run_phase(loaded: Loaded, sweep_dir: Path, *, phase: str = "sweep", spec_ove
         storage_path=str(phase_dir.resolve()),
         verbose=0,
         progress_reporter=None,
-        callbacks=[progress],
+        callbacks=[progress, dash, *_watchdogs(m)],
         failure_config=tune.FailureConfig(max_failures=m.training.max_failures),
         checkpoint_config=tune.CheckpointConfig(
             num_to_keep=m.training.keep_checkpoints,
@@ -133,12 +152,23 @@ def run_phase(loaded: Loaded, sweep_dir: Path, *, phase: str = "sweep", spec_ove
     grid = tuner.fit()
     rows, mrows = results.trial_rows(
         grid, metric=m.selection.metric, mode=m.selection.mode, phase=phase,
-        max_t=(spec.max_epochs or m.training.max_epochs), gpus=m.resources.gpus, workers=m.resources.workers,
-        decisions=results.read_decisions(phase_dir),
+        max_t=(spec.max_epochs or m.training.max_epochs), gpus=gpus, workers=m.resources.workers,
+        decisions=results.read_decisions(phase_dir), cpus=m.resources.cpus,
     )
     ranked = results.rank(rows, m.selection.mode)
     results.write_table(phase_dir / results.TRIALS, ranked)
     results.write_table(phase_dir / results.METRICS, mrows)
+    if phase == "sweep":  # for optuna-dashboard and `sweeper report` (sweeper/studydb.py)
+        from .studydb import export_quietly
+
+        export_quietly(phase_dir, m)
+    counts: dict[str, int] = {}
+    for r in ranked:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+        log.info("trial %s: %s %s best %s=%s epochs %s%s", r["trial_id"], r["status"], r.get("config"),
+                 m.selection.metric, r.get("best"), r.get("epochs"),
+                 f" ({r['stop_reason']})" if r.get("stop_reason") else "")
+    log.info("phase %s finished: %s; tables in %s", phase, counts, phase_dir)
     return ranked
 
 
@@ -152,7 +182,7 @@ def run_sweep(loaded: Loaded, *, address: str | None = None, rerun: bool = False
         rows = results.read_rows(sweep_dir / "sweep" / results.TRIALS)
         print(f"sweep {sweep_dir.name} already complete; showing its results (use --rerun for a new sweep)")
         return sweep_dir, rows
-    with artifacts.SweepLock(sweep_dir):
+    with artifacts.SweepLock(sweep_dir), artifacts.driver_log(sweep_dir):
         artifacts.write_inputs(loaded, sweep_dir, resumed=bool(state))
         artifacts.link_latest(root, sweep_dir)
         artifacts.write_state(sweep_dir, status="running", phase="sweep")

@@ -116,11 +116,19 @@ def train_loop(config: dict, spec: TrialSpec, reporter: Reporter, *, use_ray_tra
     is reported as failed with the reason (retrying a deterministic NaN would only burn time)."""
     t0 = time.perf_counter()
     _quiet_worker()
+    from trainables import registry
+
+    fam = registry.get(spec.manifest["trainable"])
+    if hasattr(fam, "run_trial"):  # a family with its own loop (the overhead benchmark's sleep trainable)
+        return fam.run_trial(config, spec, reporter)
+    from trainables import speed
+
+    if speed.wants_fast_path(spec.manifest):  # GPU trials: plain PyTorch / DDP / DeepSpeed (docs/gpu.md)
+        return speed.run_trial(config, spec, reporter, use_ray_train=use_ray_train)
     import lightning.pytorch as pl
     import torch
 
-    from trainables import registry
-    from trainables.base import cached_splits, resolve_precision, seed_everything
+    from trainables.base import cached_splits, data_cache_has, resolve_precision, seed_everything
     from trainables.lit import LitTrial, NonFiniteLoss
 
     from . import checkpoint as ckpt_mod
@@ -139,6 +147,7 @@ def train_loop(config: dict, spec: TrialSpec, reporter: Reporter, *, use_ray_tra
     seed = training["seed"] if seed is None else seed
     seed_everything(seed, training["deterministic"])
     hp = _hparams(config, family)
+    cache_hit = data_cache_has(family, m["data"], m["model"])
     splits = cached_splits(family, m["data"], m["model"])
     _check_coverage(splits, m["data"]["min_rows"])
     model = family.build_model(m["model"], splits, hp)
@@ -172,7 +181,8 @@ def train_loop(config: dict, spec: TrialSpec, reporter: Reporter, *, use_ray_tra
         steps_per_epoch = min(steps_per_epoch, training["limit_train_batches"])
     lit = LitTrial(family, model, hp, splits, total_steps=steps_per_epoch * max_epochs,
                    step_offset=steps_per_epoch * start_epoch, optimizer_state=opt_state)
-    state = {"start": t0, "ckpt_s": 0.0, "first_step": None, "last": {}}
+    state = {"start": t0, "ckpt_s": 0.0, "first_step": None, "last": {}, "data_cache_hit": int(cache_hit),
+             "ckpt_every": int(training.get("checkpoint_every", 1)), "max_epochs": max_epochs}
     report_cb = _ReportCallback(reporter, spec, start_epoch, state, family, init_report, config, seed)
     kwargs: dict[str, Any] = {}
     if use_ray_train:
@@ -257,14 +267,18 @@ class _ReportCallback:
                     time_train_s=pl_module.timing["train_s"],
                     time_eval_s=pl_module.timing["eval_s"],
                     time_ckpt_s=st["ckpt_s"],
+                    data_cache_hit=st.get("data_cache_hit", 0),
+                    node_id=_node_id(),
                 )
                 if self.init_report and epoch == self.start_epoch + 1:
                     metrics["transfer_copied"] = len(self.init_report.get("copied", []))
                     metrics["transfer_skipped"] = len(self.init_report.get("skipped", []))
                 t = time.perf_counter()
+                every = st.get("ckpt_every", 1)
+                due = bool(every) and (epoch % every == 0 or epoch >= st.get("max_epochs", epoch))
                 tmp = tempfile.mkdtemp(prefix="sweeper-ckpt-")
                 try:
-                    rank0 = trainer.global_rank == 0
+                    rank0 = trainer.global_rank == 0 and due
                     ck = os.path.join(tmp, "ckpt")
                     if rank0:
                         opt = trainer.optimizers[0].state_dict() if trainer.optimizers else None
@@ -277,6 +291,7 @@ class _ReportCallback:
                         )
                     st["ckpt_s"] += time.perf_counter() - t
                     metrics["time_ckpt_s"] = st["ckpt_s"]
+                    metrics["time_wall_s"] = time.perf_counter() - st["start"]
                     st["last"] = metrics
                     self.reporter.report(metrics, ck if rank0 else None)
                 finally:
@@ -292,10 +307,54 @@ def trial_fn(config: dict, spec: TrialSpec) -> None:
     """Ray Tune function trainable."""
     _quiet_worker()
     workers = spec.manifest["resources"]["workers"]
-    if workers <= 1:
-        train_loop(config, spec, TuneReporter())
-        return
-    _run_worker_group(config, spec)
+    handler = _attach_trial_log()
+    try:
+        if workers <= 1:
+            train_loop(config, spec, TuneReporter())
+            return
+        _run_worker_group(config, spec)
+    finally:
+        release_memory()
+        if handler is not None:
+            for name in ("sweeper", "trainables", "lightning.pytorch"):
+                logging.getLogger(name).removeHandler(handler)
+            handler.close()
+
+
+def _attach_trial_log() -> logging.Handler | None:
+    """Each trial's own log (``trial.log`` in its Tune trial dir): warm starts, restores, skipped
+    checkpoints, Lightning warnings. The console stays quiet; the details are here."""
+    try:
+        from ray import tune
+
+        trial_dir = tune.get_context().get_trial_dir()
+    except Exception:  # not inside a Tune trial (direct train_loop use)
+        return None
+    if not trial_dir:
+        return None
+    h = logging.FileHandler(os.path.join(trial_dir, "trial.log"))
+    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name, level in (("sweeper", logging.INFO), ("trainables", logging.INFO), ("lightning.pytorch", logging.WARNING)):
+        lg = logging.getLogger(name)
+        lg.addHandler(h)
+        if lg.getEffectiveLevel() > level:
+            lg.setLevel(level)
+    h.setLevel(logging.INFO)
+    return h
+
+
+def release_memory() -> None:
+    """End of a trial on a (possibly reused) actor: give its accelerator memory back so the next
+    trial on this actor, or another trial packed on the same GPU, starts from the same baseline."""
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")  # never import torch for a trial that did not (sleep_bench)
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def _run_worker_group(config: dict, spec: TrialSpec) -> None:
@@ -329,6 +388,16 @@ def _run_worker_group(config: dict, spec: TrialSpec) -> None:
         ),
     )
     trainer.fit()
+
+
+def _node_id() -> str | None:
+    """The Ray node this trial runs on (recorded per trial: which node ran what, on a cluster)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - outside Ray (tests, benchmarks)
+        return None
 
 
 def _quiet_worker() -> None:

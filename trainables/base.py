@@ -117,11 +117,20 @@ class Family:
 _DATA_CACHE: dict[str, Splits] = {}
 
 
-def cached_splits(family: Family, data_spec: dict, model_spec: dict) -> Splits:
-    """Data is built once per worker process and reused by every trial a reused actor runs."""
+def _data_key(family: Family, data_spec: dict, model_spec: dict) -> str:
     import json
 
-    key = family.info.name + json.dumps([data_spec, model_spec.get("path"), model_spec.get("size")], sort_keys=True)
+    return family.info.name + json.dumps([data_spec, model_spec.get("path"), model_spec.get("size")], sort_keys=True)
+
+
+def data_cache_has(family: Family, data_spec: dict, model_spec: dict) -> bool:
+    """Whether this process already holds the data (a reused actor's second and later trials)."""
+    return _data_key(family, data_spec, model_spec) in _DATA_CACHE
+
+
+def cached_splits(family: Family, data_spec: dict, model_spec: dict) -> Splits:
+    """Data is built once per worker process and reused by every trial a reused actor runs."""
+    key = _data_key(family, data_spec, model_spec)
     if key not in _DATA_CACHE:
         _DATA_CACHE.clear()  # keep one dataset per process: trials of one sweep share it
         _DATA_CACHE[key] = family.load_splits(data_spec, model_spec)

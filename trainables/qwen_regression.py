@@ -84,7 +84,7 @@ def _collate(pad_id: int):
 # ------------------------------------------------------------------------------------------- data
 
 
-def synthetic_rows(n: int, dims: int, seed: int, noise: float) -> list[dict]:
+def synthetic_rows(n: int, dims: int, seed: int, noise: float, n_words: tuple[int, int] = (10, 16)) -> list[dict]:
     """Short documents of two-letter words; label d counts marker word d (scaled to ~0-10).
     A model must attend over the text to count, so learning rate and capacity matter."""
     rng = random.Random(seed)
@@ -93,7 +93,7 @@ def synthetic_rows(n: int, dims: int, seed: int, noise: float) -> list[dict]:
     names = [f"dim_{i}" for i in range(dims)]
     rows = []
     for k in range(n):
-        words = [rng.choice(fillers) for _ in range(rng.randint(10, 16))]
+        words = [rng.choice(fillers) for _ in range(rng.randint(*n_words))]
         counts = []
         for m in markers:
             c = rng.randint(0, 4)
@@ -139,7 +139,8 @@ class QwenRegression(Family):
         raw: dict[str, list[dict]] = {}
         if gen:
             for i, split in enumerate(("train", "val_select", "val_calib", "test")):
-                raw[split] = synthetic_rows(gen[f"n_{split}"], gen["dimensions"], gen["seed"] * 1000 + i, gen["noise"])
+                raw[split] = synthetic_rows(gen[f"n_{split}"], gen["dimensions"], gen["seed"] * 1000 + i, gen["noise"],
+                                            tuple(gen.get("doc_words") or (10, 16)))
         else:
             for split, path in data_spec["paths"].items():
                 raw[split] = read_jsonl(path)
@@ -197,6 +198,8 @@ class QwenRegression(Family):
 
     def forward(self, model, ids, mask):
         h = model.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+        if mask is None:  # no padding in this batch (the GPU path's length buckets): no mask at all
+            return model.head(h.mean(1) if model.pooling == "mean" else h[:, -1])
         if model.pooling == "mean":
             m = mask.unsqueeze(-1).to(h.dtype)
             pooled = (h * m).sum(1) / m.sum(1).clamp_min(1)

@@ -54,6 +54,15 @@ _FAMILIES: dict[str, FamilyInfo] = {
         allows_fp16=False,
         fp16_reason="DINOv2 activations overflow fp16's range (65504) and the loss turns NaN",
     ),
+    # benchmarks only: no model and no data, each epoch sleeps (platform-overhead measurements)
+    "sleep_bench": FamilyInfo(
+        name="sleep_bench",
+        module="trainables.sleep_bench",
+        hyperparameters={"lr": 1e-3, "sleep_s": 0.2},
+        metrics={"val_loss": "min"},
+        sizes=("tiny",),
+        generator="qwen_synthetic",  # the data section is required but ignored
+    ),
 }
 
 

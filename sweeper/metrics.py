@@ -1,0 +1,136 @@
+"""The platform's own metrics on the Ray dashboard (and any Prometheus that scrapes Ray).
+
+``MetricsCallback`` is a Tune callback in the driver. It publishes, through ``ray.util.metrics``,
+tagged by ``sweep`` (the manifest's name) and ``phase``:
+
+    sweeper_trials_running          gauge    trials started and not yet finished
+    sweeper_trials_finished         gauge    trials that ran to max_t (or their own end)
+    sweeper_trials_stopped          gauge    trials stopped early by ASHA
+    sweeper_trials_errored          gauge    trials that raised (after their retries)
+    sweeper_best_metric             gauge    best selection metric so far (tag ``metric``)
+    sweeper_accelerator_seconds     counter  trial wall seconds x GPUs per worker x workers
+    sweeper_trial_seconds           counter  trial wall seconds (every trial, CPU or GPU)
+
+Ray exports them on every node's metrics endpoint (``ray.nodes()[i]["MetricsExportPort"]``) in
+Prometheus text, prefixed ``ray_`` (``ray_sweeper_trials_running``; counters add ``_total``),
+which is what the dashboard's Grafana panels and a Prometheus scraper read. Publishing never
+fails a sweep: any error in the metrics path is logged once and ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from ray.tune import Callback
+
+log = logging.getLogger("sweeper")
+
+TAGS = ("sweep", "phase")
+GAUGES = {
+    "sweeper_trials_running": "Trials of the sweep currently running",
+    "sweeper_trials_finished": "Trials that ran to completion (max_t)",
+    "sweeper_trials_stopped": "Trials stopped early by ASHA",
+    "sweeper_trials_errored": "Trials that errored",
+}
+COUNTERS = {
+    "sweeper_accelerator_seconds": "Accelerator seconds spent by trials (wall x GPUs x workers)",
+    "sweeper_trial_seconds": "Wall seconds spent by trials",
+}
+
+
+class MetricsCallback(Callback):
+    def __init__(self, sweep: str, phase: str, metric: str, mode: str, *, gpus: float = 0.0, workers: int = 1):
+        self.sweep, self.phase, self.metric, self.mode = sweep, phase, metric, mode
+        self.gpus, self.workers = float(gpus or 0.0), int(workers or 1)
+        self.running: set[str] = set()
+        self.finished, self.stopped, self.errored = set(), set(), set()
+        self.best: float | None = None
+        self.accel_s = self.trial_s = 0.0
+        self._m: dict | None = None
+        self._broken = False
+
+    # ----------------------------------------------------------------------------- publishing
+    def _metrics(self) -> dict | None:
+        if self._m is None and not self._broken:
+            try:
+                from ray.util import metrics as rm
+
+                m = {n: rm.Gauge(n, description=d, tag_keys=TAGS) for n, d in GAUGES.items()}
+                m["sweeper_best_metric"] = rm.Gauge("sweeper_best_metric", description="Best selection metric so far",
+                                                    tag_keys=(*TAGS, "metric"))
+                m.update({n: rm.Counter(n, description=d, tag_keys=TAGS) for n, d in COUNTERS.items()})
+                self._m = m
+            except Exception as e:  # noqa: BLE001 - metrics are best effort
+                self._broken = True
+                log.warning("sweeper metrics disabled: %s", e)
+        return self._m
+
+    def _tags(self) -> dict:
+        return {"sweep": self.sweep, "phase": self.phase}
+
+    def _publish(self, accel_inc: float = 0.0, wall_inc: float = 0.0) -> None:
+        m = self._metrics()
+        if m is None:
+            return
+        try:
+            tags = self._tags()
+            m["sweeper_trials_running"].set(len(self.running), tags=tags)
+            m["sweeper_trials_finished"].set(len(self.finished), tags=tags)
+            m["sweeper_trials_stopped"].set(len(self.stopped), tags=tags)
+            m["sweeper_trials_errored"].set(len(self.errored), tags=tags)
+            if self.best is not None:
+                m["sweeper_best_metric"].set(self.best, tags={**tags, "metric": self.metric})
+            if accel_inc > 0:
+                m["sweeper_accelerator_seconds"].inc(accel_inc, tags=tags)
+            if wall_inc > 0:
+                m["sweeper_trial_seconds"].inc(wall_inc, tags=tags)
+        except Exception as e:  # noqa: BLE001
+            if not self._broken:
+                log.warning("sweeper metrics: %s", e)
+            self._broken = True
+
+    # ----------------------------------------------------------------------------- Tune events
+    def setup(self, **info):
+        self._publish()
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.running.add(trial.trial_id)
+        self._publish()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.running.add(trial.trial_id)
+        v = result.get(self.metric)
+        if isinstance(v, (int, float)) and math.isfinite(v) and not result.get("sweeper_failed"):
+            if self.best is None or (v < self.best if self.mode == "min" else v > self.best):
+                self.best = float(v)
+        dt = result.get("time_this_iter_s")
+        dt = float(dt) if isinstance(dt, (int, float)) and math.isfinite(dt) and dt > 0 else 0.0
+        accel = dt * self.gpus * self.workers
+        self.accel_s += accel
+        self.trial_s += dt
+        self._publish(accel, dt)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.running.discard(trial.trial_id)
+        last = trial.last_result or {}
+        # a trial Tune ends before its trainable returned (ASHA said stop) has no done=True result
+        if last.get("done") is False and not last.get("sweeper_failed"):
+            self.stopped.add(trial.trial_id)
+        else:
+            self.finished.add(trial.trial_id)
+        self._publish()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.running.discard(trial.trial_id)
+        self.errored.add(trial.trial_id)
+        self._publish()
+
+    def on_experiment_end(self, trials, **info):
+        self.running.clear()
+        self._publish()
+
+    def snapshot(self) -> dict:
+        return {"running": len(self.running), "finished": len(self.finished), "stopped": len(self.stopped),
+                "errored": len(self.errored), "best": self.best, "accelerator_seconds": self.accel_s,
+                "trial_seconds": self.trial_s}

@@ -1,0 +1,682 @@
+"""The fast training path for GPU trials: plain PyTorch on one GPU, DDP or DeepSpeed on several.
+
+Chosen by ``training.strategy`` (``auto``: this path whenever a trial asks for GPUs and CUDA is
+there; the Lightning loop otherwise, so CPU trials and tests keep their behaviour). What makes it
+fast, each measured in ``benchmarks/`` against the plain-PyTorch step it wraps:
+
+- bf16 autocast (plain/DDP) or DeepSpeed's bf16 engine, TF32 for any fp32 matmul left;
+- fused AdamW (``torch.optim.AdamW(fused=True)``; also under DeepSpeed, through
+  ``zero_allow_untested_optimizer``: no just-in-time build of DeepSpeed's own ops);
+- SDPA attention (the families build their configs with ``attn_implementation="sdpa"``);
+- regional ``torch.compile`` (each repeated block compiled once, ``training.compile``);
+- no host stalls: batches are collated and pinned on a background thread and copied to the GPU on a
+  side stream one step ahead; the loss is summed on the device and read once per epoch; no
+  ``.item()`` per step; token batches are length-bucketed (padding only within a bucket, and no
+  attention mask at all when a batch has no padding).
+
+One ``Stepper`` holds model, optimizer and schedule; ``run_trial`` (the trial) and
+``benchmarks/step_bench.py`` build it through the same ``prepare`` so the benchmark times the
+product's own step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+log = logging.getLogger("sweeper.speed")
+
+PEAK_BF16 = 989e12  # H100/H200 SXM dense bf16, the MFU denominator the issue fixes
+DS_DIR = "deepspeed"  # DeepSpeed's own checkpoint inside a sweeper checkpoint directory
+DS_TAG = "state"
+
+
+# ------------------------------------------------------------------------------------ planning
+
+
+def wants_fast_path(m: dict) -> bool:
+    s = m["training"].get("strategy", "auto")
+    if s == "lightning":
+        return False
+    if s != "auto":
+        return True
+    return _gpus(m) > 0 and torch.cuda.is_available()
+
+
+def resolve_strategy(m: dict) -> str:
+    """plain | ddp | deepspeed. One worker: plain PyTorch unless DeepSpeed is asked for by name
+    (measured faster: benchmarks/results); several: DeepSpeed unless ``ddp`` is named."""
+    s = m["training"].get("strategy", "auto")
+    if m["resources"]["workers"] <= 1:
+        return "deepspeed" if s == "deepspeed" else "plain"
+    return "ddp" if s == "ddp" else "deepspeed"
+
+
+def ds_settings(m: dict) -> dict:
+    d = dict(m["training"].get("deepspeed") or {})
+    d.setdefault("stage", 2)
+    d.setdefault("offload_optimizer", False)
+    d.setdefault("offload_params", False)
+    d.setdefault("config", {})
+    return d
+
+
+def resolve_compile(knob: Any, on_gpu: bool, strategy: str, stage: int) -> bool:
+    if knob is True or knob == "true":
+        return True
+    if knob is False or knob == "false":
+        return False
+    # auto: on the GPU, except under ZeRO-3 (its parameter hooks break the compiled graphs)
+    return on_gpu and not (strategy == "deepspeed" and stage == 3)
+
+
+def repeated_blocks(model: nn.Module) -> nn.ModuleList | None:
+    """The ModuleList holding most parameters: a transformer's layers."""
+    best = None
+    for mod in model.modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 1:
+            n = sum(p.numel() for p in mod.parameters())
+            if best is None or n > best[0]:
+                best = (n, mod)
+    return best[1] if best else None
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """Regional compilation: each repeated block compiled in place (one graph reused by all,
+    seconds instead of minutes, state_dict keys unchanged)."""
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    blocks = repeated_blocks(model)
+    if blocks is None:
+        model.compile()
+        return 1
+    for b in blocks:
+        b.compile()
+    return len(blocks)
+
+
+# ------------------------------------------------------------------------------------ data path
+
+
+def _to_device(batch, device, non_blocking=True):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device, non_blocking) for b in batch)
+    return batch
+
+
+def _pin(batch):
+    if isinstance(batch, torch.Tensor):
+        return batch.pin_memory()
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_pin(b) for b in batch)
+    return batch
+
+
+def _record(batch, stream):
+    if isinstance(batch, torch.Tensor):
+        batch.record_stream(stream)
+    elif isinstance(batch, (list, tuple)):
+        for b in batch:
+            _record(b, stream)
+
+
+def batch_units(batch) -> tuple[int, int]:
+    """(samples, tokens) of a batch from shapes alone (no device sync); tokens = samples for images."""
+    first = batch[0] if isinstance(batch, (list, tuple)) else batch
+    n = int(first.shape[0])
+    if first.dtype == torch.long and first.ndim == 2:
+        return n, int(first.numel())
+    return n, n
+
+
+def index_batches(n: int, bs: int, *, shuffle: bool, seed: int, rank: int = 0, world: int = 1,
+                  drop_last: bool = False, lengths: list[int] | None = None) -> list[list[int]]:
+    """Index lists for one epoch, this rank's share. With ``lengths``: length bucketing (windows
+    of 64 batches sorted by length, then the batches shuffled), so padding stays within a bucket."""
+    g = torch.Generator()
+    g.manual_seed(seed)
+    order = torch.randperm(n, generator=g).tolist() if shuffle else list(range(n))
+    if world > 1:
+        per = n // world  # every rank the same number of steps (collectives stay in step)
+        order = order[rank::world][:per]
+    if lengths is not None and shuffle:
+        win = bs * 64
+        order = [i for s in range(0, len(order), win) for i in sorted(order[s:s + win], key=lambda j: lengths[j])]
+    batches = [order[s:s + bs] for s in range(0, len(order), bs)]
+    if drop_last and len(batches) > 1 and len(batches[-1]) < bs:
+        batches.pop()  # fixed shapes for the compiled graphs
+    if lengths is not None and shuffle:
+        perm = torch.randperm(len(batches), generator=g).tolist()
+        batches = [batches[i] for i in perm]
+    return batches
+
+
+def make_collate(family, dataset) -> tuple[Callable[[list[int]], Any], list[int] | None]:
+    """A collate taking a list of indices, and the examples' lengths when the data is tokens."""
+    tensors = getattr(dataset, "tensors", None)
+    if tensors is not None:  # TensorDataset: one gather per tensor, not a Python loop over rows
+        return (lambda idx: tuple(t[torch.as_tensor(idx)] for t in tensors)), None
+    ids = getattr(dataset, "ids", None)
+    if ids is not None and hasattr(dataset, "labels"):  # qwen TokenDataset
+        pad = dataset.pad_id
+        labels = dataset.labels
+        lengths = [len(x) for x in ids]
+
+        def collate_tokens(idx):
+            n = max(lengths[i] for i in idx)
+            full = all(lengths[i] == n for i in idx)
+            out = torch.full((len(idx), n), pad, dtype=torch.long)
+            mask = None if full else torch.zeros((len(idx), n), dtype=torch.long)
+            for r, i in enumerate(idx):
+                out[r, : lengths[i]] = torch.tensor(ids[i])
+                if mask is not None:
+                    mask[r, : lengths[i]] = 1
+            # no mask when nothing is padded: SDPA then runs its causal kernel with no mask build
+            return out, mask, labels[torch.as_tensor(idx)]
+
+        return collate_tokens, lengths
+    return (lambda idx: family.collate([dataset[i] for i in idx])), None
+
+
+class Prefetcher:
+    """Iterates batches made on a background thread (collate + pin), each copied to the device on a
+    side stream one step ahead of its use."""
+
+    def __init__(self, collate, batches: list[list[int]], device: torch.device, depth: int = 4):
+        self.collate, self.batches, self.device, self.depth = collate, batches, device, depth
+        self.cuda = device.type == "cuda"
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator:
+        q: queue.Queue = queue.Queue(self.depth)
+        end = object()
+        stop = threading.Event()
+
+        def work():
+            try:
+                for idx in self.batches:
+                    if stop.is_set():
+                        return
+                    b = self.collate(idx)
+                    q.put(_pin(b) if self.cuda else b)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+                q.put(e)
+            q.put(end)
+
+        th = threading.Thread(target=work, daemon=True)
+        th.start()
+        stream = torch.cuda.Stream(self.device) if self.cuda else None
+
+        def fetch():
+            b = q.get()
+            if b is end:
+                return end
+            if isinstance(b, BaseException):
+                raise b
+            if stream is None:
+                return b
+            with torch.cuda.stream(stream):
+                return _to_device(b, self.device)
+
+        try:
+            nxt = fetch()
+            while nxt is not end:
+                cur = nxt
+                if stream is not None:
+                    torch.cuda.current_stream(self.device).wait_stream(stream)
+                    _record(cur, torch.cuda.current_stream(self.device))
+                nxt = fetch()
+                yield cur
+        finally:
+            stop.set()
+            while th.is_alive():
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    th.join(0.05)
+
+
+# ------------------------------------------------------------------------------------ the step
+
+
+class LossModule(nn.Module):
+    """What DDP and DeepSpeed wrap: forward(batch) -> the family's loss."""
+
+    def __init__(self, family, model: nn.Module, hp, cast_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.model = model
+        self.family, self.hp, self.cast_dtype = family, hp, cast_dtype
+
+    def cast(self, batch):
+        # DeepSpeed's bf16 engine holds bf16 weights: images must match; labels and ids stay
+        if self.cast_dtype is None:
+            return batch
+        return type(batch)(b.to(self.cast_dtype) if isinstance(b, torch.Tensor) and b.is_floating_point() and b.ndim >= 4
+                           else b for b in batch)
+
+    def forward(self, batch):
+        return self.family.loss(self.model, self.cast(batch), self.hp)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def matmul_params(model: nn.Module) -> int:
+    """Parameters in matmuls (Linear and Conv weights), embeddings excluded: N of the MFU formula."""
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, (nn.Linear, nn.Conv2d)):
+            n += mod.weight.numel()
+    return n
+
+
+def flops_per_unit(family_name: str, model: nn.Module, seq: int) -> float:
+    """Training FLOPs per token (Qwen: 6N + 12·L·d·T) or per image (DINOv2: forward × 3)."""
+    cfg = model.backbone.config
+    n = matmul_params(model)
+    L, d = cfg.num_hidden_layers, cfg.hidden_size
+    if family_name == "dinov2_classifier":
+        T = (cfg.image_size // cfg.patch_size) ** 2 + 1
+        return 3 * (2 * n + 4 * L * d * T) * T
+    return 6 * n + 12 * L * d * seq
+
+
+def _ensure_process_group(device: torch.device) -> None:
+    """DeepSpeed needs torch.distributed even for one process (a one-worker DeepSpeed trial)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
+                 ("MASTER_PORT", str(port))):
+        os.environ.setdefault(k, v)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=0, world_size=1)
+
+
+def _gpus(m: dict) -> float:
+    g = m["resources"]["gpus"]
+    return (1.0 if torch.cuda.is_available() else 0.0) if g == "auto" else float(g)
+
+
+class Stepper:
+    """Model + optimizer + schedule for one strategy; ``step(batch)`` is one optimizer step."""
+
+    def __init__(self, family, model: nn.Module, hp, *, strategy: str, device: torch.device, precision: str,
+                 grad_clip: float, total_steps: int, step_offset: int = 0, compile_: bool = False,
+                 ds: dict | None = None, world: int = 1):
+        from .base import cosine_with_warmup
+
+        self.family, self.model, self.hp, self.strategy, self.device = family, model, hp, strategy, device
+        self.bf16 = precision == "bf16-mixed"
+        if precision not in ("bf16-mixed", "32-true"):
+            from sweeper.errors import UserError
+
+            raise UserError(f"training.precision {precision!r}: the fast path takes bf16 or fp32 "
+                            "(use training.strategy: lightning for fp16)")
+        self.grad_clip = float(grad_clip or 0.0)
+        self.compiled = compile_blocks(model) if compile_ else 0
+        on_cuda = device.type == "cuda"
+        self.ds = ds or {}
+        self.stage = int(self.ds.get("stage", 2)) if strategy == "deepspeed" else None
+        self.engine = None
+        self.loss_mod = LossModule(family, model, hp, torch.bfloat16 if (strategy == "deepspeed" and self.bf16) else None)
+        offload_opt = strategy == "deepspeed" and self.ds.get("offload_optimizer")
+        self.opt = torch.optim.AdamW(param_groups(model, hp.weight_decay), lr=hp.lr, betas=(0.9, 0.95),
+                                     fused=(on_cuda and not offload_opt) or None)
+        sched_fn = cosine_with_warmup(max(1, total_steps), hp.warmup_ratio)
+        self.step_offset = step_offset
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: sched_fn(s + step_offset))
+        if strategy == "deepspeed":
+            import deepspeed
+
+            _ensure_process_group(device)
+            self.engine, _, _, _ = deepspeed.initialize(model=self.loss_mod, optimizer=self.opt,
+                                                        config=self.ds_config(hp.batch_size))
+            self.fwd = self.engine
+        elif strategy == "ddp" and world > 1:
+            self.loss_mod.to(device)
+            self.fwd = nn.parallel.DistributedDataParallel(
+                self.loss_mod, device_ids=[device.index] if on_cuda else None,
+                gradient_as_bucket_view=True, static_graph=True)
+        else:
+            self.loss_mod.to(device)
+            self.fwd = self.loss_mod
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if (self.bf16 and self.engine is None)
+                         else contextlib.nullcontext())
+
+    def ds_config(self, micro_batch: int) -> dict:
+        zero: dict[str, Any] = {"stage": self.stage, "overlap_comm": True, "contiguous_gradients": True,
+                                "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8}
+        if self.ds.get("offload_optimizer"):
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if self.ds.get("offload_params"):
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+        cfg = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
+               "bf16": {"enabled": self.bf16}, "zero_optimization": zero,
+               "gradient_clipping": self.grad_clip, "zero_allow_untested_optimizer": True,
+               "zero_force_ds_cpu_optimizer": False, "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
+        for k, v in (self.ds.get("config") or {}).items():
+            if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+                cfg[k] = {**cfg[k], **v}
+            else:
+                cfg[k] = v
+        return cfg
+
+    @property
+    def inner(self) -> nn.Module:
+        """The family's model (weights as the engine holds them)."""
+        return self.engine.module.model if self.engine is not None else self.model
+
+    def step(self, batch) -> torch.Tensor:
+        if self.engine is not None:
+            loss = self.engine(batch)
+            self.engine.backward(loss)
+            self.engine.step()
+        else:
+            with self.autocast:
+                loss = self.fwd(batch)
+            loss.backward()
+            if self.grad_clip:
+                nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=self.device.type == "cuda")
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        self.sched.step()
+        return loss.detach()
+
+    @torch.no_grad()
+    def evaluate(self, loader, splits) -> dict:
+        m = self.inner
+        m.eval()
+        outs = []
+        try:
+            for batch in loader:
+                with self.autocast:
+                    outs.append(self.family.eval_batch(m, self.loss_mod.cast(batch)))
+        finally:
+            m.train()
+        if not outs:
+            return {}
+        out = {k: torch.cat([o[k] for o in outs]).float().cpu() for k in outs[0]}
+        return self.family.metrics(out, splits)
+
+    # -------------------------------------------------------------- checkpoints
+    def full_state_dict(self) -> dict | None:
+        """The model's weights on CPU, on rank 0 (a collective under ZeRO-3: every rank calls it)."""
+        if self.engine is not None and self.stage == 3:
+            sd = self.engine._zero3_consolidated_16bit_state_dict()
+            if sd is None:
+                return None
+            prefix = "model."
+            return {k[len(prefix):]: v.detach().cpu() for k, v in sd.items() if k.startswith(prefix)}
+        return {k: v.detach().cpu() for k, v in self.inner.state_dict().items()}
+
+    def save_engine(self, ck_dir: str) -> None:
+        """DeepSpeed's own sharded checkpoint (every rank writes its partition)."""
+        self.engine.save_checkpoint(os.path.join(ck_dir, DS_DIR), tag=DS_TAG)
+
+    def load_engine(self, ck_dir: str) -> bool:
+        path = os.path.join(ck_dir, DS_DIR)
+        if not os.path.isdir(path):
+            return False
+        self.engine.load_checkpoint(path, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
+        return True
+
+
+# ------------------------------------------------------------------------------------ prepare
+
+
+@dataclass
+class Prepared:
+    family: Any
+    hp: Any
+    splits: Any
+    stepper: Stepper
+    device: torch.device
+    rank: int
+    world: int
+    seed: int
+    strategy: str
+    steps_per_epoch: int
+    init_report: dict
+    start_epoch: int
+    resumed_from: str | None
+    flops_unit: float | None = None
+
+    def train_loader(self, epoch_seed: int) -> Prefetcher:
+        m_train = self.splits.get("train", "fit")
+        collate, lengths = make_collate(self.family, m_train)
+        b = index_batches(len(m_train), self.hp.batch_size, shuffle=True, seed=epoch_seed, rank=self.rank,
+                          world=self.world, drop_last=True, lengths=lengths)
+        return Prefetcher(collate, b, self.device)
+
+    def eval_loader(self, batch_size: int) -> Prefetcher:
+        ds = self.splits.get("val_select", "select")
+        collate, _ = make_collate(self.family, ds)
+        return Prefetcher(collate, index_batches(len(ds), batch_size, shuffle=False, seed=0), self.device)
+
+
+def _dist_info(use_ray_train: bool) -> tuple[int, int, int]:
+    if use_ray_train:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        return ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
+    return 0, 1, 0
+
+
+def prepare(config: dict, spec, reporter=None, *, use_ray_train: bool = False) -> Prepared:
+    """Everything a trial (or the benchmark) needs before the first step, built once, the same way."""
+    from sweeper import checkpoint as ckpt_mod
+    from sweeper.transfer import apply_transfer
+    from sweeper.trial import _check_coverage, _hparams
+
+    from . import registry
+    from .base import cached_splits, resolve_precision, seed_everything
+
+    m = spec.manifest
+    family = registry.get(m["trainable"])
+    training = m["training"]
+    init_from, transfer, seed = spec.init_from or m.get("init_from"), spec.transfer, spec.seed
+    if spec.init_from is None and m.get("init_from"):
+        transfer = m.get("init_transfer", "compatible")
+    run = config.get("_run")
+    if isinstance(run, dict):
+        seed, init_from, transfer = run["seed"], run["init_from"], run.get("transfer", transfer)
+        config = dict(run["hp"])
+    seed = training["seed"] if seed is None else seed
+    seed_everything(seed, training["deterministic"])
+    hp = _hparams(config, family)
+    rank, world, local_rank = _dist_info(use_ray_train)
+    on_gpu = torch.cuda.is_available() and _gpus(m) > 0
+    if on_gpu:
+        if use_ray_train:
+            import ray.train.torch
+
+            device = ray.train.torch.get_device()
+        else:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    os.environ.setdefault("LOCAL_RANK", str(local_rank))  # DeepSpeed reads it for its device
+
+    splits = cached_splits(family, m["data"], m["model"])
+    _check_coverage(splits, m["data"]["min_rows"])
+    strategy = resolve_strategy(m)
+    ds = ds_settings(m)
+    # Large shapes are built straight on the GPU (a 7B random init on the CPU takes minutes)
+    build_ctx = torch.device(device) if (on_gpu and not m["model"].get("path")) else contextlib.nullcontext()
+    with build_ctx:
+        model = family.build_model(m["model"], splits, hp)
+    init_report: dict = {}
+    if init_from:
+        src = ckpt_mod.load_weights_file(init_from)
+        init_report = apply_transfer(model, src, transfer, family.info.backbone_prefix)
+
+    # resume: the newest checkpoint of this trial that verifies
+    start_epoch, opt_state, resumed = 0, None, None
+    cands = reporter.restore_candidates() if (reporter is not None and hasattr(reporter, "restore_candidates")) else []
+    if cands:
+        best, _ = ckpt_mod.latest_valid_checkpoint([Path(c) for c in cands])
+        if best is not None:
+            loaded = ckpt_mod.load_checkpoint(best)
+            if not (strategy == "deepspeed" and (Path(best) / DS_DIR).is_dir()):
+                model.load_state_dict(loaded.model_state)
+                opt_state = loaded.optimizer_state
+            start_epoch = int(loaded.state.get("epoch", 0))
+            resumed = str(best)
+
+    precision = resolve_precision(training["precision"], on_gpu, family.info)
+    max_epochs = spec.max_epochs or training["max_epochs"]
+    n_train = len(splits.get("train", "fit")) // world
+    steps_per_epoch = max(1, n_train // hp.batch_size) if n_train >= hp.batch_size else 1
+    if training.get("limit_train_batches"):
+        steps_per_epoch = min(steps_per_epoch, training["limit_train_batches"])
+    try:
+        flops_unit = flops_per_unit(family.info.name, model, m["data"].get("max_length", 0))
+    except Exception:  # noqa: BLE001 - MFU is informative only
+        flops_unit = None
+    compile_ = resolve_compile(training.get("compile", "auto"), on_gpu, strategy, int(ds["stage"]))
+    clip = (hp.grad_clip if hp.grad_clip is not None else training["grad_clip"]) or 0.0
+    stepper = Stepper(family, model, hp, strategy=strategy, device=device, precision=precision, grad_clip=clip,
+                      total_steps=steps_per_epoch * max_epochs, step_offset=steps_per_epoch * start_epoch,
+                      compile_=compile_, ds=ds, world=world)
+    if resumed and strategy == "deepspeed":
+        if not stepper.load_engine(resumed):  # a checkpoint from another strategy: weights only
+            stepper.inner.load_state_dict({k: v for k, v in ckpt_mod.load_checkpoint(resumed).model_state.items()},
+                                          strict=False)
+    elif opt_state is not None:
+        stepper.opt.load_state_dict(opt_state)
+        for g in stepper.opt.param_groups:
+            g["lr"] = hp.lr
+    if resumed:
+        log.info("resumed from %s at epoch %d", resumed, start_epoch)
+    return Prepared(family, hp, splits, stepper, device, rank, world, seed, strategy, steps_per_epoch,
+                    init_report, start_epoch, resumed, flops_unit)
+
+
+# ------------------------------------------------------------------------------------ the trial
+
+
+def _report(reporter, metrics: dict, ck: str | None, shard: bool) -> None:
+    from sweeper.trial import TrainReporter
+
+    if shard and isinstance(reporter, TrainReporter):
+        import ray.train  # every rank attaches its shard; Ray Train merges them into one directory
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ck) if ck else None)
+    else:
+        reporter.report(metrics, ck)
+
+
+def run_trial(config: dict, spec, reporter, *, use_ray_train: bool = False) -> dict:
+    """A trial on the fast path: same reports, checkpoints and NaN handling as the Lightning loop."""
+    from sweeper import checkpoint as ckpt_mod
+    from sweeper.trial import FAILED_KEY
+
+    t0 = time.perf_counter()
+    m = spec.manifest
+    training = m["training"]
+    p = prepare(config, spec, reporter, use_ray_train=use_ray_train)
+    st = p.stepper
+    max_epochs = spec.max_epochs or training["max_epochs"]
+    every = int(training.get("checkpoint_every", 1))
+    flops_unit = p.flops_unit
+    timing = {"train_s": 0.0, "eval_s": 0.0, "ckpt_s": 0.0}
+    first_step = None
+    last: dict = {}
+    limit = training.get("limit_train_batches")
+    for epoch in range(p.start_epoch + 1, max_epochs + 1):
+        te = time.perf_counter()
+        loss_sum, nsteps, samples, tokens = None, 0, 0, 0
+        for i, batch in enumerate(p.train_loader(p.seed * 7919 + epoch)):
+            if limit and i >= limit:
+                break
+            if first_step is None:
+                first_step = time.perf_counter()
+            l = st.step(batch)
+            loss_sum = l.float() if loss_sum is None else loss_sum + l.float()
+            nsteps += 1
+            s, t = batch_units(batch)
+            samples, tokens = samples + s, tokens + t
+        train_loss = float(loss_sum) / nsteps if nsteps else float("nan")  # the one sync of the epoch
+        dt = time.perf_counter() - te
+        timing["train_s"] += dt
+        tv = time.perf_counter()
+        metrics = st.evaluate(p.eval_loader(training["eval_batch_size"]), p.splits)
+        timing["eval_s"] += time.perf_counter() - tv
+        metrics["train_loss"] = train_loss
+        now = time.perf_counter()
+        metrics.update(epoch=epoch, phase=spec.phase, time_startup_s=(first_step or now) - t0,
+                       time_train_s=timing["train_s"], time_eval_s=timing["eval_s"], strategy=p.strategy,
+                       world=p.world, train_samples_per_s=samples * p.world / dt if dt else 0.0)
+        if tokens != samples:
+            metrics["train_tokens_per_s"] = tokens * p.world / dt if dt else 0.0
+        if flops_unit and p.device.type == "cuda" and dt:
+            metrics["mfu"] = flops_unit * tokens / dt / PEAK_BF16
+        if p.init_report and epoch == p.start_epoch + 1:
+            metrics["transfer_copied"] = len(p.init_report.get("copied", []))
+            metrics["transfer_skipped"] = len(p.init_report.get("skipped", []))
+        if not torch.isfinite(torch.tensor(train_loss)):
+            metrics[FAILED_KEY] = f"training loss became {train_loss} in epoch {epoch}"
+            metrics[m["selection"]["metric"]] = float("inf") if m["selection"]["mode"] == "min" else float("-inf")
+            _report(reporter, metrics, None, False)
+            return metrics
+        due = bool(every) and (epoch % every == 0 or epoch >= max_epochs)
+        tc = time.perf_counter()
+        tmp = tempfile.mkdtemp(prefix="sweeper-ckpt-")
+        try:
+            ck = os.path.join(tmp, "ckpt")
+            wrote = False
+            if due:
+                sd = st.full_state_dict()  # collective under ZeRO-3
+                if p.rank == 0:
+                    opt = st.opt.state_dict() if st.engine is None else None
+                    ckpt_mod.write_checkpoint(ck, sd, opt, {
+                        "epoch": epoch, "global_step": epoch * p.steps_per_epoch, "metrics": metrics,
+                        "trainable": p.family.info.name, "phase": spec.phase, "seed": p.seed, "config": config,
+                        "strategy": p.strategy, "world": p.world,
+                        "transfer": {k: p.init_report[k] for k in ("rule", "copied", "skipped")} if p.init_report else None})
+                    wrote = True
+                if st.engine is not None:
+                    st.save_engine(ck)
+                    wrote = True
+            timing["ckpt_s"] += time.perf_counter() - tc
+            metrics["time_ckpt_s"] = timing["ckpt_s"]
+            metrics["time_wall_s"] = time.perf_counter() - t0
+            last = metrics
+            _report(reporter, metrics, ck if wrote else None, shard=st.engine is not None)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return last
