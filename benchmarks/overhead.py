@@ -55,6 +55,8 @@ def run_variant(name: str) -> dict:
     tmp = tempfile.mkdtemp(prefix=f"overhead-{name}-")
     ray.init(num_cpus=SLOTS, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     out: dict = {"variant": name}
+    from ray import tune  # noqa: F401 - imported before the clock starts in every variant alike
+
     if name == "sweeper":
         from sweeper import manifest, runner
 

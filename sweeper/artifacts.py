@@ -90,7 +90,8 @@ class SweepLock:
                 pass  # stale lock from a killed driver: take it over
             except PermissionError:
                 raise UserError(f"{self.path.parent}: locked by another user's process") from None
-        self.path.write_text(f"{os.getpid()} {socket.gethostname()}\n")
+        # rename over the path: a planted symlink is replaced, never written through
+        atomic_write_text(self.path, f"{os.getpid()} {socket.gethostname()}\n")
         return self
 
     def __exit__(self, *exc):
@@ -123,15 +124,17 @@ def write_inputs(loaded: Loaded, sweep_dir: Path, resumed: bool = False) -> None
         git_commit=git_commit(),
     )
     atomic_write_text(meta_path, json.dumps(meta, indent=2, default=str))
-    (sweep_dir / "logs").mkdir(exist_ok=True)
+    ensure_dir(sweep_dir, "logs")  # refuses a planted symlink
 
 
 @contextlib.contextmanager
 def driver_log(sweep_dir: Path):
     """Everything the driver logs at INFO (sweeper, Tune, Train) goes to ``logs/sweeper.log`` while
     the console shows only the progress view; each trial's own log is ``trial.log`` in its trial dir."""
-    (sweep_dir / "logs").mkdir(exist_ok=True)
-    h = logging.FileHandler(sweep_dir / "logs" / "sweeper.log")
+    log_file = ensure_dir(sweep_dir, "logs") / "sweeper.log"
+    if log_file.is_symlink():  # a planted link would make the append land outside the results root
+        log_file.unlink()
+    h = logging.FileHandler(log_file)
     h.setLevel(logging.INFO)
     h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     touched = []
@@ -191,9 +194,14 @@ def hardware() -> dict:
     except (ValueError, OSError, AttributeError):
         pass
     try:
-        import torch
+        import glob
 
-        hw["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if "torch" not in sys.modules and not glob.glob("/dev/nvidia[0-9]*") and not os.path.exists("/dev/kfd"):
+            hw["gpus"] = []  # no GPU device node: do not import torch for nothing (~2 s on the driver)
+        else:
+            import torch
+
+            hw["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     except Exception:  # noqa: BLE001
         hw["gpus"] = []
     return hw

@@ -40,6 +40,10 @@ def load_chain(path: Path, overrides: list[str]) -> tuple[mf.Chain, list[tuple[m
     except mf.ValidationError as e:
         raise ManifestError(f"chain {path}", mf._pydantic_problems(e)) from None
     problems, stages = [], []
+    try:
+        safe_name(chain.name, "`name`")  # the chain's directory: refused before anything is created
+    except UserError as e:
+        problems.append(str(e))
     names = [s.name for s in chain.stages]
     for i, n in enumerate(names):
         try:

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from .errors import EXIT_BUG, EXIT_OK, SweeperError
 
-VERBS = ("run", "validate", "leaderboard", "resume", "export", "decrypt", "verify", "cost", "explain")
+VERBS = ("run", "validate", "leaderboard", "resume", "export", "decrypt", "verify", "cost", "explain",
+         "monitor", "report")
 
 
 def _add_manifest_args(p: argparse.ArgumentParser) -> None:
@@ -74,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--retry-errored", action="store_true")
     rs.add_argument("--address")
     rs.add_argument("--quiet", "-q", action="store_true")
+    mo = sub.add_parser("monitor", help="the live view of a sweep, read from its directory")
+    mo.add_argument("sweep_dir", nargs="?", help="a sweep directory (default: results/latest)")
+    mo.add_argument("--follow", "-f", action="store_true", help="re-render until the sweep is no longer running")
+    mo.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --follow")
+    rp = sub.add_parser("report", help="write one self-contained HTML report of a sweep")
+    rp.add_argument("sweep_dir", nargs="?", help="a sweep directory (default: results/latest)")
+    rp.add_argument("--out", help="the HTML file to write (default: SWEEP_DIR/report.html)")
     return ap
 
 
@@ -90,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"run": cmd_run, "validate": cmd_validate, "leaderboard": cmd_leaderboard, "resume": cmd_resume,
                 "export": cmd_export, "decrypt": cmd_decrypt, "verify": cmd_verify, "cost": cmd_cost,
-                "explain": cmd_explain}[args.verb](args) or 0
+                "explain": cmd_explain, "monitor": cmd_monitor, "report": cmd_report}[args.verb](args) or 0
     except SweeperError as e:
         print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return e.exit_code
@@ -258,7 +266,9 @@ def cmd_leaderboard(args) -> int:
     if args.json:
         out = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
                for r in leaderboard.table_rows(rows, args.limit)]
-        print(json.dumps({"sweep": d.name, "trials": out, **extra}, indent=2, default=str))
+        from .cost import totals
+
+        print(json.dumps({"sweep": d.name, "trials": out, "totals": totals(rows), **extra}, indent=2, default=str))
     else:
         leaderboard.render(d, rows, extra, args.limit)
     return 0
@@ -323,6 +333,22 @@ def cmd_verify(args) -> int:
 
     info = verify_export(p, args.key_env)
     print(f"{p}: ok " + json.dumps(info, default=str))
+    return 0
+
+
+
+def cmd_monitor(args) -> int:
+    from . import monitor
+
+    return monitor.main_args(args)
+
+
+def cmd_report(args) -> int:
+    from . import report
+    from .leaderboard import resolve_sweep_dir
+
+    out = report.write_report(resolve_sweep_dir(args.sweep_dir), Path(args.out) if args.out else None)
+    print(f"report: {out}")
     return 0
 
 

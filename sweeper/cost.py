@@ -68,8 +68,12 @@ def rung_segments(metric_rows: list[dict], trial_rows: list[dict], decisions: li
             wl = float(r.get("wall_s") or 0.0)
             slot_secs += d * (float(r.get("accel_s") or 0.0) / wl if wl else 0.0)
             n += 1
-        out.append({"epochs": f"({a}, {b}]", "trials": n, "wall_s": secs, "accel_s": slot_secs})
+        out.append({"epochs": f"({_num(a)}, {_num(b)}]", "trials": n, "wall_s": secs, "accel_s": slot_secs})
     return out
+
+
+def _num(x) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 def report(sweep_dir: Path) -> dict:

@@ -40,18 +40,22 @@ def table(snap: dict, *, max_rows: int = 12):
     head = Table(box=box.ROUNDED, title=f"sweeper  {snap['sweep']} / {snap['phase']}"
                  + ("" if snap.get("status", "running") == "running" else f"  ({snap['status']})"),
                  title_justify="left", expand=False)
-    for col, style in (("running", "cyan"), ("finished", "green"), ("stopped by ASHA", "yellow"),
-                       ("errored", "red"), (f"best {snap['metric']} ({snap.get('mode', '')})", "bold magenta"),
+    for col, style in (("running", "cyan"), ("finished", "green"), ("ASHA-stopped", "yellow"),
+                       ("errored", "red"), (f"best {snap['metric']}", "bold magenta"),
                        ("elapsed", ""), ("ETA", "")):
-        head.add_column(col, style=style or None, justify="right")
+        head.add_column(col, style=style or None, justify="right", no_wrap=True)
     head.add_row(str(snap["running"]), f"{snap['finished']}", str(snap["stopped"]), str(snap["errored"]),
-                 _fmt_v(snap.get("best")) + (f"  ({snap['best_trial']})" if snap.get("best_trial") else ""),
-                 _fmt_s(snap.get("elapsed_s")), _fmt_s(snap.get("eta_s")) if ended < total else "done")
-    head.caption = f"{ended}/{total} trials ended" if total else None
+                 _fmt_v(snap.get("best")), _fmt_s(snap.get("elapsed_s")),
+                 _fmt_s(snap.get("eta_s")) if ended < total else "done")
+    cap = [f"{ended}/{total} trials ended"] if total else []
+    if snap.get("best_trial"):
+        cap.append(f"best: trial {snap['best_trial']} ({snap.get('mode', '')})")
+    head.caption = "  ·  ".join(cap) or None
     trials = Table(box=box.SIMPLE_HEAD, expand=False)
-    for col in ("trial", "status", "epoch", f"last {snap['metric']}", "best", "node", "config"):
+    for col, width in (("trial", 8), ("status", 10), ("epoch", 5), (f"last {snap['metric']}", 8), ("best", 7),
+                       ("node", 8), ("config", None)):
         trials.add_column(col, justify="right" if col in ("epoch", "best") or col.startswith("last") else "left",
-                          overflow="ellipsis", no_wrap=True, max_width=48 if col == "config" else None)
+                          overflow="ellipsis", no_wrap=True, min_width=width, max_width=56 if width is None else None)
     colour = {"RUNNING": "cyan", "TERMINATED": "green", "STOPPED": "yellow", "ERROR": "red", "PENDING": "dim"}
     rows = sorted(snap.get("trials", []), key=lambda t: (t["status"] != "RUNNING", t["trial_id"]))
     for t in rows[:max_rows]:

@@ -229,6 +229,19 @@ class OutputSpec(Strict):
     """Results root. Relative paths are relative to the working directory; a URI (s3://, gs://)
     or a shared filesystem path for clusters."""
 
+    @field_validator("root")
+    @classmethod
+    def _usable_root(cls, v: str) -> str:
+        # the root is trusted configuration (it may be absolute or a symlink), but it must be a path
+        # at all: a NUL or a line break would otherwise surface as a traceback at mkdir time
+        if not v.strip():
+            raise ValueError("must not be empty")
+        if any(c in v for c in "\x00\n\r"):
+            raise ValueError("must not contain NUL or line breaks")
+        if len(v.encode("utf-8", "surrogatepass")) > 4096:
+            raise ValueError("is longer than 4096 bytes")
+        return v
+
 
 _GATE_OPS = ("<=", ">=", "<", ">")
 

@@ -8,7 +8,8 @@ tagged by ``sweep`` (the manifest's name) and ``phase``:
     sweeper_trials_stopped          gauge    trials stopped early by ASHA
     sweeper_trials_errored          gauge    trials that raised (after their retries)
     sweeper_best_metric             gauge    best selection metric so far (tag ``metric``)
-    sweeper_accelerator_seconds     counter  trial wall seconds x GPUs per worker x workers
+    sweeper_accelerator_seconds     gauge    accelerator seconds spent so far (trial wall x GPUs x workers;
+                                             0 on CPU-only sweeps, still published)
     sweeper_trial_seconds           counter  trial wall seconds (every trial, CPU or GPU)
 
 Ray exports them on every node's metrics endpoint (``ray.nodes()[i]["MetricsExportPort"]``) in
@@ -32,16 +33,27 @@ GAUGES = {
     "sweeper_trials_finished": "Trials that ran to completion (max_t)",
     "sweeper_trials_stopped": "Trials stopped early by ASHA",
     "sweeper_trials_errored": "Trials that errored",
+    "sweeper_accelerator_seconds": "Accelerator seconds spent by trials so far (wall x GPUs x workers)",
 }
 COUNTERS = {
-    "sweeper_accelerator_seconds": "Accelerator seconds spent by trials (wall x GPUs x workers)",
     "sweeper_trial_seconds": "Wall seconds spent by trials",
 }
 
 
+def stopped_early(trial, max_t: int | None) -> bool:
+    """Ended before max_t without failing: the scheduler (ASHA) stopped it. (Tune marks the last
+    result of a stopped trial ``done`` too, so the epoch count is what tells.)"""
+    last = trial.last_result or {}
+    ep = last.get("epoch")
+    if not max_t or not isinstance(ep, (int, float)) or last.get("sweeper_failed"):
+        return False
+    return ep < max_t
+
+
 class MetricsCallback(Callback):
-    def __init__(self, sweep: str, phase: str, metric: str, mode: str, *, gpus: float = 0.0, workers: int = 1):
-        self.sweep, self.phase, self.metric, self.mode = sweep, phase, metric, mode
+    def __init__(self, sweep: str, phase: str, metric: str, mode: str, *, gpus: float = 0.0, workers: int = 1,
+                 max_t: int | None = None):
+        self.sweep, self.phase, self.metric, self.mode, self.max_t = sweep, phase, metric, mode, max_t
         self.gpus, self.workers = float(gpus or 0.0), int(workers or 1)
         self.running: set[str] = set()
         self.finished, self.stopped, self.errored = set(), set(), set()
@@ -81,8 +93,7 @@ class MetricsCallback(Callback):
             m["sweeper_trials_errored"].set(len(self.errored), tags=tags)
             if self.best is not None:
                 m["sweeper_best_metric"].set(self.best, tags={**tags, "metric": self.metric})
-            if accel_inc > 0:
-                m["sweeper_accelerator_seconds"].inc(accel_inc, tags=tags)
+            m["sweeper_accelerator_seconds"].set(self.accel_s, tags=tags)
             if wall_inc > 0:
                 m["sweeper_trial_seconds"].inc(wall_inc, tags=tags)
         except Exception as e:  # noqa: BLE001
@@ -113,9 +124,7 @@ class MetricsCallback(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.running.discard(trial.trial_id)
-        last = trial.last_result or {}
-        # a trial Tune ends before its trainable returned (ASHA said stop) has no done=True result
-        if last.get("done") is False and not last.get("sweeper_failed"):
+        if stopped_early(trial, self.max_t):
             self.stopped.add(trial.trial_id)
         else:
             self.finished.add(trial.trial_id)

@@ -16,6 +16,7 @@ from pathlib import Path
 from ray.tune import Callback
 
 from . import liveview
+from .metrics import stopped_early
 
 PROGRESS = "progress.json"
 FLUSH_EVERY_S = 5.0
@@ -28,8 +29,9 @@ def _short_config(cfg: dict) -> str:
 
 class ProgressCallback(Callback):
     def __init__(self, sweep: str, phase: str, metric: str, mode: str, quiet: bool = False,
-                 out_dir: Path | None = None, total: int | None = None):
+                 out_dir: Path | None = None, total: int | None = None, max_t: int | None = None):
         self.sweep, self.phase, self.metric, self.mode, self.quiet = sweep, phase, metric, mode, quiet
+        self.max_t = max_t
         self.out_dir, self.total = (Path(out_dir) if out_dir else None), total
         self.running: set[str] = set()
         self.done = self.stopped = self.errored = 0
@@ -134,8 +136,7 @@ class ProgressCallback(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.running.discard(trial.trial_id)
-        last = trial.last_result or {}
-        stopped = last.get("done") is False and not last.get("sweeper_failed")
+        stopped = stopped_early(trial, self.max_t)
         if stopped:
             self.stopped += 1
         self._trial(trial)["status"] = "STOPPED" if stopped else "TERMINATED"
@@ -149,11 +150,11 @@ class ProgressCallback(Callback):
         self._show()
 
     def on_experiment_end(self, trials, **info):
-        self.stopped = sum(1 for t in trials if t.status == "TERMINATED" and not (t.last_result or {}).get("done", True))
+        self.stopped = sum(1 for t in trials if t.status == "TERMINATED" and stopped_early(t, self.max_t))
         for t in trials:
             rec = self._trial(t)
             if t.status == "TERMINATED":
-                rec["status"] = "STOPPED" if not (t.last_result or {}).get("done", True) else "TERMINATED"
+                rec["status"] = "STOPPED" if stopped_early(t, self.max_t) else "TERMINATED"
             elif t.status == "ERROR":
                 rec["status"] = "ERROR"
         self.running.clear()

@@ -249,6 +249,9 @@ def _from_checkpoint(loaded: Loaded, path: str, rerun: bool) -> tuple[Path, list
     state_cfg = {}
     if p.is_dir():
         ckpt_mod.verify_checkpoint(p)  # IntegrityError (exit 5) names the failing file
+        # and load it, optimizer state included: a pickled optimizer.pt whose checksums were
+        # rewritten verifies, but must be refused now, before Ray starts, not in a trial later
+        ckpt_mod.load_checkpoint(p, verify=False)
         try:
             state_cfg = json.loads((p / "state.json").read_text()).get("config") or {}
         except (OSError, json.JSONDecodeError):

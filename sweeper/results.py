@@ -35,7 +35,11 @@ def write_table(path: Path, rows: list[dict], schema: pa.Schema | None = None) -
 
 
 def read_rows(path: Path) -> list[dict]:
-    return pq.read_table(path).to_pylist()
+    # One open file: given a path, pyarrow may open it more than once (footer, then pages), and a
+    # writer's rename in between would pair the old footer with the new pages. The open
+    # descriptor keeps reading one version whatever is renamed over the path meanwhile.
+    with open(path, "rb") as fh:
+        return pq.read_table(fh).to_pylist()
 
 
 def read_decisions(sweep_dir: Path) -> list[dict]:

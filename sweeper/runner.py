@@ -7,6 +7,7 @@ finished one without launching anything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -89,8 +90,7 @@ def run_phase(loaded: Loaded, sweep_dir: Path, *, phase: str = "sweep", spec_ove
     from .trial import TrialSpec, trial_fn
 
     m = loaded.manifest
-    phase_dir = sweep_dir / phase
-    phase_dir.mkdir(parents=True, exist_ok=True)
+    phase_dir = artifacts.ensure_dir(sweep_dir, phase)  # refuses a planted symlink (sweep -> elsewhere)
     decisions_path = phase_dir / results.DECISIONS
     spec = TrialSpec(manifest=loaded.resolved(), phase=phase, **(spec_overrides or {}))
     from .packing import resolve_gpus
@@ -100,10 +100,12 @@ def run_phase(loaded: Loaded, sweep_dir: Path, *, phase: str = "sweep", spec_ove
     trainable = tune.with_resources(tune.with_parameters(trial_fn, spec=spec), trial_resources(m, gpus))
     exp_dir = phase_dir / "tune"
     progress = ProgressCallback(m.name, phase, m.selection.metric, m.selection.mode, quiet=quiet,
-                                out_dir=phase_dir, total=num_samples or m.search.num_samples)
+                                out_dir=phase_dir, total=num_samples or m.search.num_samples,
+                                max_t=spec.max_epochs or m.training.max_epochs)
     from .metrics import MetricsCallback
 
-    dash = MetricsCallback(m.name, phase, m.selection.metric, m.selection.mode, gpus=gpus, workers=m.resources.workers)
+    dash = MetricsCallback(m.name, phase, m.selection.metric, m.selection.mode, gpus=gpus, workers=m.resources.workers,
+                           max_t=spec.max_epochs or m.training.max_epochs)
     sweep_name = m.name
 
     def trial_name(trial) -> str:
@@ -114,7 +116,7 @@ def run_phase(loaded: Loaded, sweep_dir: Path, *, phase: str = "sweep", spec_ove
         storage_path=str(phase_dir.resolve()),
         verbose=0,
         progress_reporter=None,
-        callbacks=[progress, dash, *_watchdogs(m)],
+        callbacks=[progress, dash, *_watchdogs(m), *_tune_loggers()],
         failure_config=tune.FailureConfig(max_failures=m.training.max_failures),
         checkpoint_config=tune.CheckpointConfig(
             num_to_keep=m.training.keep_checkpoints,
@@ -149,7 +151,8 @@ def run_phase(loaded: Loaded, sweep_dir: Path, *, phase: str = "sweep", spec_ove
             ),
             run_config=run_config,
         )
-    grid = tuner.fit()
+    with _result_buffering(not (phase == "sweep" and m.scheduler.type != "none")):
+        grid = tuner.fit()
     rows, mrows = results.trial_rows(
         grid, metric=m.selection.metric, mode=m.selection.mode, phase=phase,
         max_t=(spec.max_epochs or m.training.max_epochs), gpus=gpus, workers=m.resources.workers,
@@ -172,6 +175,34 @@ def run_phase(loaded: Loaded, sweep_dir: Path, *, phase: str = "sweep", spec_ove
     return ranked
 
 
+@contextlib.contextmanager
+def _result_buffering(enabled: bool):
+    """Without a scheduler nothing decides on a trial's intermediate results, so its reports need
+    not wait for the driver: a function trainable's ``tune.report`` otherwise blocks each time until
+    the driver has processed the result and asked for the next. Tune's result buffering lets the
+    actor run on and send what it reported at most every TUNE_RESULT_BUFFER_MIN_TIME_S (a checkpoint,
+    the trial's end or an error sends at once). Under ASHA each result is a decision: unbuffered.
+    The user's own TUNE_RESULT_BUFFER_* settings win."""
+    keys = {"TUNE_RESULT_BUFFER_LENGTH": "1000", "TUNE_RESULT_BUFFER_MIN_TIME_S": "1.0"}
+    saved = {k: os.environ.get(k) for k in keys}
+    if enabled and not any(saved.values()):
+        os.environ.update(keys)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _tune_loggers() -> list:
+    from .tunelog import loggers  # TensorBoard events without an fsync per result (sweeper/tunelog.py)
+
+    return loggers()
+
+
 def run_sweep(loaded: Loaded, *, address: str | None = None, rerun: bool = False, retry_errored: bool = False,
               quiet: bool = False, dashboard: bool = True) -> tuple[Path, list[dict]]:
     m = loaded.manifest
@@ -187,6 +218,7 @@ def run_sweep(loaded: Loaded, *, address: str | None = None, rerun: bool = False
         artifacts.link_latest(root, sweep_dir)
         artifacts.write_state(sweep_dir, status="running", phase="sweep")
         t0 = time.time()
+        artifacts.ensure_dir(sweep_dir, "sweep")  # a planted symlink is refused before Ray starts
         init_ray(address, dashboard=dashboard)
         rows = run_phase(loaded, sweep_dir, retry_errored=retry_errored, quiet=quiet)
         artifacts.link_checkpoints(sweep_dir, rows)

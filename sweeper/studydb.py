@@ -74,7 +74,7 @@ def export_study(phase_dir: Path, space: dict, metric: str, mode: str, study_nam
     tmp = phase_dir / f".{STUDY_DB}.{os.getpid()}.tmp"
     tmp.unlink(missing_ok=True)
     try:
-        study = build_study(phase_dir, space, metric, mode, study_name, storage=f"sqlite:///{tmp.resolve()}")
+        study = build_study(phase_dir, space, metric, mode, study_name, storage=_scratch_sqlite(tmp))
         storage = getattr(study, "_storage", None)
         backend = getattr(storage, "_backend", storage)
         engine = getattr(backend, "engine", None)
@@ -84,6 +84,23 @@ def export_study(phase_dir: Path, space: dict, metric: str, mode: str, study_nam
     finally:
         tmp.unlink(missing_ok=True)
     return dst
+
+
+def _scratch_sqlite(path: Path):
+    """Optuna storage on a scratch SQLite file without a sync per commit (one commit per trial
+    made the export ~2 s of a sweep's wall time). Safe: the file is renamed into place only once
+    complete, and a crash leaves nothing but the temp file, removed on the next export."""
+    import sqlite3
+
+    import optuna
+
+    def connect():
+        c = sqlite3.connect(str(path.resolve()), check_same_thread=False)
+        c.execute("PRAGMA synchronous=OFF")
+        c.execute("PRAGMA journal_mode=MEMORY")
+        return c
+
+    return optuna.storages.RDBStorage(f"sqlite:///{path.resolve()}", engine_kwargs={"creator": connect})
 
 
 def export_quietly(phase_dir: Path, m) -> Path | None:

@@ -43,12 +43,21 @@ class LitTrial(pl.LightningModule):
         self._loss_n += 1
         return loss
 
+    # Training-step seconds: from the epoch's start to its validation. Lightning runs validation
+    # (and so the report and checkpoint, in on_validation_end) *inside* the training epoch, before
+    # on_train_epoch_end: timing the whole epoch would count evaluation, checkpointing and the
+    # wait on Tune as training, and the epoch-1 report would still read 0.
     def on_train_epoch_start(self):
         self._loss_sum, self._loss_n = None, 0
         self._t_epoch = time.perf_counter()
 
+    def _stop_train_clock(self):
+        if self._t_epoch:
+            self.timing["train_s"] += time.perf_counter() - self._t_epoch
+            self._t_epoch = 0.0
+
     def on_train_epoch_end(self):
-        self.timing["train_s"] += time.perf_counter() - self._t_epoch
+        self._stop_train_clock()  # an epoch without validation
 
     def configure_optimizers(self):
         decay, no_decay = [], []
@@ -71,6 +80,7 @@ class LitTrial(pl.LightningModule):
 
     # ---------------------------------------------------------------- evaluation
     def on_validation_epoch_start(self):
+        self._stop_train_clock()
         self._outs = []
         self._t_eval = time.perf_counter()
 

@@ -25,11 +25,6 @@ class SleepFamily:
     def run_trial(self, config: dict, spec, reporter) -> dict:
         """The whole trial (no Lightning): ``max_epochs`` reports, ``sleep_s`` apart."""
         t0 = time.perf_counter()
-        _tr = os.environ.get("SLEEP_TRACE")
-        if _tr:
-            import psutil
-
-            open(f"{_tr}_{os.getpid()}", "a").write(f"proc {psutil.Process().create_time()}\nstart {time.time()}\n")
         m = spec.manifest
         training = m["training"]
         sleep_s = float(config.get("sleep_s", self.info.hyperparameters["sleep_s"]))
@@ -64,8 +59,6 @@ class SleepFamily:
             finally:
                 if tmp:
                     shutil.rmtree(tmp, ignore_errors=True)
-        if _tr:
-            open(f"{_tr}_{os.getpid()}", "a").write(f"end {time.time()}\n")
         return last
 
 
