@@ -104,8 +104,10 @@ def report(sweep_dir: Path) -> dict:
             meta = json.loads(mp.read_text())
         except json.JSONDecodeError:
             meta = {}
+    runs = meta.get("runs") or [{}]
+    wall = sum(r.get("wall_s") or 0.0 for r in runs if isinstance(r.get("wall_s"), (int, float)))
     return {"sweep": sweep_dir.name, "phases": phases, "total": totals(all_rows),
-            "sweep_wall_s": meta.get("wall_s") if isinstance(meta.get("wall_s"), (int, float)) else None}
+            "sweep_wall_s": wall or None}
 
 
 def _end_key(k: str):

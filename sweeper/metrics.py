@@ -15,13 +15,16 @@ tagged by ``sweep`` (the manifest's name) and ``phase``:
 Ray exports them on every node's metrics endpoint (``ray.nodes()[i]["MetricsExportPort"]``) in
 Prometheus text, prefixed ``ray_`` (``ray_sweeper_trials_running``; counters add ``_total``),
 which is what the dashboard's Grafana panels and a Prometheus scraper read. Publishing never
-fails a sweep: any error in the metrics path is logged once and ignored.
+fails a sweep: any error in the metrics path is logged once and ignored. ``SWEEPER_RAY_METRICS=0``
+turns publishing off.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import time
 
 from ray.tune import Callback
 
@@ -60,10 +63,13 @@ class MetricsCallback(Callback):
         self.best: float | None = None
         self.accel_s = self.trial_s = 0.0
         self._m: dict | None = None
+        self._last_pub = 0.0
         self._broken = False
 
     # ----------------------------------------------------------------------------- publishing
     def _metrics(self) -> dict | None:
+        if os.environ.get("SWEEPER_RAY_METRICS", "1") == "0":  # opt out: publish nothing
+            return None
         if self._m is None and not self._broken:
             try:
                 from ray.util import metrics as rm
@@ -85,6 +91,7 @@ class MetricsCallback(Callback):
         m = self._metrics()
         if m is None:
             return
+        self._last_pub = time.monotonic()
         try:
             tags = self._tags()
             m["sweeper_trials_running"].set(len(self.running), tags=tags)
@@ -104,6 +111,13 @@ class MetricsCallback(Callback):
     # ----------------------------------------------------------------------------- Tune events
     def setup(self, **info):
         self._publish()
+
+    def on_step_end(self, iteration, trials, **info):
+        # republish about once a second: Ray's exporter only keeps gauges recorded recently, so a
+        # quiet stretch (long epochs) would otherwise make them vanish from the endpoint
+        now = time.monotonic()
+        if now - self._last_pub >= 1.0:
+            self._publish()
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.running.add(trial.trial_id)

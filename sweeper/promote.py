@@ -212,6 +212,9 @@ def run_pipeline(loaded: Loaded, *, address=None, rerun=False, retry_errored=Fal
         state["export"] = info
         write_promotion(sweep_dir, state)
     artifacts.write_state(sweep_dir, status="complete", phase="promotion")
+    from .runner import wait_background
+
+    wait_background()  # the phase-1 study export (sweep/optuna_study.db) is complete on return
     return sweep_dir, state
 
 

@@ -63,6 +63,14 @@ class Axis:
             v = math.log10(max(v, 1e-300))
         return self.a + (v - self.lo) / (self.hi - self.lo) * (self.b - self.a)
 
+    def digits(self) -> int:
+        """Significant digits that tell neighbouring ticks apart."""
+        if self.log:
+            return 3
+        span = abs(self.hi - self.lo) / 5 or 1.0
+        mag = max(abs(self.lo), abs(self.hi)) or 1.0
+        return max(3, min(8, int(math.ceil(math.log10(mag / span))) + 2))
+
     def ticks(self, n=5):
         out = []
         for i in range(n + 1):
@@ -83,11 +91,11 @@ def _axes(x: Axis, y: Axis, xlabel: str, ylabel: str, w=W, h=H, xticks=None) -> 
     for t in (xticks if xticks is not None else x.ticks()):
         px = x(t)
         out.append(f'<line x1="{px:.1f}" y1="{h - MB}" x2="{px:.1f}" y2="{h - MB + 4}" stroke="#333"/>'
-                   f'<text x="{px:.1f}" y="{h - MB + 16}" text-anchor="middle">{_fmt(t, 3)}</text>')
+                   f'<text x="{px:.1f}" y="{h - MB + 16}" text-anchor="middle">{_fmt(t, x.digits())}</text>')
     for t in y.ticks():
         py = y(t)
         out.append(f'<line x1="{ML - 4}" y1="{py:.1f}" x2="{w - MR}" y2="{py:.1f}" stroke="#eee"/>'
-                   f'<text x="{ML - 6}" y="{py + 4:.1f}" text-anchor="end">{_fmt(t, 3)}</text>')
+                   f'<text x="{ML - 6}" y="{py + 4:.1f}" text-anchor="end">{_fmt(t, y.digits())}</text>')
     out.append(f'<text x="{(ML + w - MR) / 2}" y="{h - 12}" text-anchor="middle" font-size="12">{_e(xlabel)}</text>'
                f'<text transform="translate(16,{(MT + h - MB) / 2}) rotate(-90)" text-anchor="middle" '
                f'font-size="12">{_e(ylabel)}</text>')
@@ -185,6 +193,7 @@ def learning_curves(data: dict) -> str:
         path = " ".join(f"{x(e):.1f},{y(v):.1f}" for e, v in pts)
         body.append(f'<polyline class="curve" points="{path}" fill="none" stroke="{col}" stroke-width="1.6" '
                     f'stroke-opacity="0.85"><title>{_e(t)} ({_e(status.get(t))})</title></polyline>')
+        body.extend(f'<circle cx="{x(e):.1f}" cy="{y(v):.1f}" r="2.5" fill="{col}"/>' for e, v in pts)
         ex, ev = pts[-1]
         if status.get(t) == "stopped":
             body.append(f'<text x="{x(ex):.1f}" y="{y(ev) + 4:.1f}" text-anchor="middle" fill="{col}" '
@@ -193,7 +202,7 @@ def learning_curves(data: dict) -> str:
     labels = {"completed": "ran to max_t (ASHA: continue)", "stopped": "stopped by ASHA at a rung",
               "failed": "failed (NaN / never finite)", "error": "errored"}
     items = [(labels[s], STATUS_COLOUR[s]) for s in present] + [("rung cutoff", "black")]
-    body.append(_legend(items, x=W - MR - 240))
+    body.append(_legend(items, x=W - MR - 250, y=MT + 22))
     return _svg("".join(body), title="learning curves")
 
 
@@ -243,7 +252,7 @@ def parallel_coordinates(data: dict) -> str:
         else:
             a = Axis(ax["lo"], ax["hi"], bot, top, log=ax["log"] and ax["lo"] > 0)
             scales.append(lambda v, a=a: a(float(v)) if _finite(v) else None)
-            ticks = [(_fmt(t, 3), a(t)) for t in a.ticks(4)]
+            ticks = [(_fmt(t, a.digits()), a(t)) for t in a.ticks(4)]
         body.append(f'<line x1="{px:.1f}" y1="{top}" x2="{px:.1f}" y2="{bot}" stroke="#333" stroke-width="1.5"/>'
                     f'<text x="{px:.1f}" y="{top - 8}" text-anchor="middle" font-size="12" font-weight="bold">'
                     f'{_e(ax["name"])}{" (log)" if ax.get("log") else ""}</text>')
@@ -580,9 +589,9 @@ def build(sweep_dir: Path) -> str:
     nav = " · ".join(f"<a href='#{sid}'>{_e(t.split(' (')[0])}</a>" for sid, t, _ in sections)
     body = "".join(f"<h2 id='{sid}'>{_e(t)}</h2>{h}" for sid, t, h in sections)
     man = data["manifest"]
-    return f"""<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>sweeper report: {_e(Path(sweep_dir).name)}</title>
+    return f"""<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>sweeper report: {_e(Path(sweep_dir).resolve().name)}</title>
 <style>{CSS}</style></head><body>
-<h1>Sweep report: {_e(Path(sweep_dir).name)}</h1>
+<h1>Sweep report: {_e(Path(sweep_dir).resolve().name)}</h1>
 <p>Trainable <b>{_e(man.get('trainable'))}</b>, selection <b>{_e(data['metric'])}</b> ({_e(data['mode'])}),
 status <b>{_e(data['state'].get('status', '?'))}</b>; {len(rows)} trials: {_e(', '.join(f'{k} {v}' for k, v in sorted(counts.items())))}.
 Best: <b>{_e(best['trial_id']) if best else '-'}</b> {_e(data['metric'])} = <b>{_fmt(best['best']) if best else '-'}</b>.</p>

@@ -38,7 +38,9 @@ def read_rows(path: Path) -> list[dict]:
     # One open file: given a path, pyarrow may open it more than once (footer, then pages), and a
     # writer's rename in between would pair the old footer with the new pages. The open
     # descriptor keeps reading one version whatever is renamed over the path meanwhile.
-    with open(path, "rb") as fh:
+    # pa.OSFile, not open(): a Python file object here made ~half of the CLI processes that read a
+    # table abort at interpreter exit ("terminate called without an active exception", pyarrow 2x).
+    with pa.OSFile(str(path)) as fh:
         return pq.read_table(fh).to_pylist()
 
 

@@ -70,13 +70,15 @@ def trial_resources(m, gpus: float | None = None) -> dict:
 
 
 def _watchdogs(m) -> list:
-    """``training.hang_timeout_s``: kill a trial that stops reporting, so FailureConfig retries it."""
-    timeout = getattr(m.training, "hang_timeout_s", None)
-    if not timeout:
-        return []
-    from .watchdog import HangWatchdog
+    """``training.hang_timeout_s``: kill a trial that stops reporting, so FailureConfig retries it;
+    for multi-worker trials, free the worker group of a trial Tune ends mid-``fit()``."""
+    from .watchdog import HangWatchdog, WorkerGroupReaper
 
-    return [HangWatchdog(timeout)]
+    out: list = [WorkerGroupReaper()] if m.resources.workers > 1 else []
+    timeout = getattr(m.training, "hang_timeout_s", None)
+    if timeout:
+        out.append(HangWatchdog(timeout))
+    return out
 
 
 def run_phase(loaded: Loaded, sweep_dir: Path, *, phase: str = "sweep", spec_overrides: dict | None = None,
@@ -164,7 +166,7 @@ def run_phase(loaded: Loaded, sweep_dir: Path, *, phase: str = "sweep", spec_ove
     if phase == "sweep":  # for optuna-dashboard and `sweeper report` (sweeper/studydb.py)
         from .studydb import export_quietly
 
-        export_quietly(phase_dir, m)
+        in_background(export_quietly, phase_dir, m)  # a derived view: the results and next phase don't wait
     counts: dict[str, int] = {}
     for r in ranked:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
@@ -173,6 +175,26 @@ def run_phase(loaded: Loaded, sweep_dir: Path, *, phase: str = "sweep", spec_ove
                  f" ({r['stop_reason']})" if r.get("stop_reason") else "")
     log.info("phase %s finished: %s; tables in %s", phase, counts, phase_dir)
     return ranked
+
+
+_BACKGROUND: list = []
+
+
+def in_background(fn, *args) -> None:
+    """Derived files (the Optuna study for optuna-dashboard, ~1 s) are written after the phase's
+    tables on a thread, off the sweep's critical path: the leaderboard and the promotion phases
+    need only the tables. ``wait_background`` joins them (run_pipeline does before it returns); the
+    thread is not a daemon, so the interpreter also waits for it at exit."""
+    import threading
+
+    t = threading.Thread(target=fn, args=args, name=f"sweeper-{getattr(fn, '__name__', 'bg')}")
+    t.start()
+    _BACKGROUND.append(t)
+
+
+def wait_background() -> None:
+    while _BACKGROUND:
+        _BACKGROUND.pop().join()
 
 
 @contextlib.contextmanager

@@ -94,6 +94,13 @@ class TrainReporter(Reporter):
         import ray.train
 
         rank = ray.train.get_context().get_world_rank()
+        if rank == 0:
+            # lets the driver free this worker group if Tune ends the trial mid-fit (WorkerGroupReaper)
+            from ray.util import get_current_placement_group
+
+            pg = get_current_placement_group()
+            if pg is not None:
+                metrics = {**metrics, "sweeper_worker_pg": pg.id.hex()}
         ck = ray.train.Checkpoint.from_directory(ckpt_dir) if (ckpt_dir and rank == 0) else None
         ray.train.report(metrics, checkpoint=ck)
 
@@ -273,7 +280,9 @@ class _ReportCallback:
                 self.state, self.family, self.init_report = state, family, init_report
                 self.config, self.seed = config, seed
 
-            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            def on_train_epoch_start(self, trainer, pl_module):
+                # start-up ends where the training clock starts (LitTrial.on_train_epoch_start runs
+                # after the callbacks' hook): the parts never overlap and sum to at most the wall
                 if self.state["first_step"] is None:
                     self.state["first_step"] = time.perf_counter()
                     self.state["first_step_unix"] = time.time()  # comparable with the driver's clock

@@ -53,3 +53,53 @@ class HangWatchdog(Callback):
                 ray.kill(actor, no_restart=True)
             except Exception as e:  # noqa: BLE001 - already dead: Tune sees the failure anyway
                 log.warning("killing hung trial %s: %s", trial.trial_id, e)
+
+
+class WorkerGroupReaper(Callback):
+    """Frees a multi-worker trial's Ray Train worker group when Tune ends the trial.
+
+    A trial that ASHA stops (or that fails and is retried, or that the hang watchdog kills) is
+    torn down while its ``TorchTrainer.fit()`` is still running: the Train controller dies with
+    the trial, but the workers' placement group was created by the controller, a non-detached
+    actor, so Ray scopes it to the *driver's job*: its CPUs/GPUs stay reserved until the whole
+    sweep ends. Ray Train's own PlacementGroupCleaner only helps where the State API (the
+    dashboard) is up. Rank 0 reports its placement group id with every result
+    (``sweeper_worker_pg``); when the trial ends or is about to be retried, the driver removes
+    that group if it still exists, so the next trial (or the retry) gets the GPUs.
+    """
+
+    def __init__(self):
+        self.pgs: dict[str, str] = {}
+        self.reaped: list[tuple[str, str]] = []  # (trial_id, pg hex): for logs and tests
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        pg = result.get("sweeper_worker_pg")
+        if isinstance(pg, str) and pg:
+            self.pgs[trial.trial_id] = pg
+
+    def _reap(self, trial) -> None:
+        pg_hex = self.pgs.pop(trial.trial_id, None)
+        if not pg_hex:
+            return
+        import ray
+        from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+        try:
+            pg = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_hex)))
+            state = placement_group_table(pg).get("state")
+            if state in (None, "REMOVED"):
+                return  # the controller shut its worker group down itself (a normal finish)
+            remove_placement_group(pg)
+            self.reaped.append((trial.trial_id, pg_hex))
+            log.info("trial %s: freed its worker group's placement group %s (%s)", trial.trial_id, pg_hex, state)
+        except Exception as e:  # noqa: BLE001 - never fail the sweep over cleanup
+            log.warning("trial %s: could not free worker placement group %s: %s", trial.trial_id, pg_hex, e)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._reap(trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._reap(trial)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._reap(trial)

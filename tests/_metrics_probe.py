@@ -61,18 +61,17 @@ def main() -> int:
     while not done.is_set():
         scrapes.append({"t": time.time() - t0, "during": True, "samples": [s for p in ports for s in scrape(p)]})
         done.wait(1.0)
-    # the last values reach the endpoint one report interval later
-    end = time.time() + 20
+    # the last values reach the endpoint a report interval (or, on a loaded machine, a few) later:
+    # scrape until the endpoint shows every trial ended, for at most 30 s
+    n = len(box.get("rows") or [])
+    end = time.time() + 30
     while time.time() < end:
         samples = [s for p in ports for s in scrape(p)]
         scrapes.append({"t": time.time() - t0, "during": False, "samples": samples})
-        fin = [s for s in samples if s["name"] == "ray_sweeper_trials_running" and s["value"] == 0]
-        tot = {s["name"] for s in samples}
-        if fin and {"ray_sweeper_trials_finished", "ray_sweeper_best_metric"} <= tot and len(scrapes) > 3:
-            # two scrapes in a row agreeing on the final counts
-            prev = {(s["name"], s["value"]) for s in scrapes[-2]["samples"]}
-            if prev == {(s["name"], s["value"]) for s in samples}:
-                break
+        v = {s["name"]: s["value"] for s in samples if s["labels"].get("sweep") == loaded.manifest.name}
+        ended = sum(v.get(f"ray_sweeper_trials_{k}", 0) for k in ("finished", "stopped", "errored"))
+        if v.get("ray_sweeper_trials_running") == 0 and ended == n and "ray_sweeper_best_metric" in v:
+            break
         time.sleep(1.0)
     rows = box.get("rows") or []
     print(json.dumps({"ports": ports, "error": box.get("error"), "sweep_s": scrapes[-1]["t"],

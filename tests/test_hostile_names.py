@@ -57,16 +57,23 @@ def _manifest(path: Path, root: Path, **changes) -> Path:
     return path
 
 
+_RAY_STARTS: list = []
+
+
+@pytest.fixture(autouse=True)
+def _record_ray_starts(ray_starts):
+    global _RAY_STARTS
+    _RAY_STARTS = ray_starts
+    yield
+
+
 def _refused_by_cli(capsys, argv: list[str]) -> str:
     code = cli.main(argv)
     out, err = capsys.readouterr()
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == EXIT_USER, (argv, code, err[-1000:], out[-500:])
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err + out, err
-    if "ray" in sys.modules:
-        import ray
-
-        assert not ray.is_initialized()
+    assert not _RAY_STARTS, "Ray was started before the input was refused"
     return lines[0]
 
 

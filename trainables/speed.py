@@ -425,7 +425,10 @@ class Stepper:
             m.train()
         if not outs:
             return {}
-        out = {k: torch.cat([o[k] for o in outs]).float().cpu() for k in outs[0]}
+        out = {}
+        for k in outs[0]:
+            t = torch.cat([o[k] for o in outs])
+            out[k] = (t.float() if t.is_floating_point() else t).cpu()
         return self.family.metrics(out, splits)
 
     # -------------------------------------------------------------- checkpoints

@@ -1,0 +1,157 @@
+"""The product's own training step vs the plain-PyTorch step it wraps, from a manifest.
+
+    python benchmarks/step_bench.py --manifest search_spaces/qwen2.5-0.5b_regression_gpu.yaml \
+        [--set training.compile=false ...] [--modes product,loader,plain] [--steps 10] [--smoke]
+
+product: ``trainables.speed.prepare`` (the code a trial runs) builds model, optimizer and schedule from
+         the manifest; its ``Stepper.step`` is timed on one batch kept on the GPU.
+loader:  the same step fed by the product's data path (background collate, pinned, side-stream copy).
+plain:   the same family model, a plain loop (bf16 autocast, fused AdamW, loss.backward), like
+         ../shared/device/speed_probe_example.py.
+Prints one JSON line per mode: tokens/s (images/s), MFU = flops_per_unit · units/s ÷ 989e12, peak memory.
+``--smoke``: tiny shapes on the CPU (what CI can run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SMOKE = ["model.size=tiny", "model.config_overrides={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2}",
+         "data.max_length=64", "data.generator.n_train=64", "data.min_rows={train: 8, val_select: 8}", "data.generator.n_val_select=16", "data.generator.doc_words=[30, 40]",
+         "data.generator.image_size=28", "search.space.batch_size=8", "training.precision=fp32"]
+
+
+def _sync(dev):
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _time(fn, dev, warmup, steps):
+    for _ in range(warmup):
+        fn()
+    _sync(dev)
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    _sync(dev)
+    return (time.perf_counter() - t) / steps
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--manifest", required=True)
+    ap.add_argument("--set", action="append", default=[], help="manifest override key=value")
+    ap.add_argument("--modes", default="product,loader,plain")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--label", default="")
+    ap.add_argument("--out", default=None, help="append JSON lines here")
+    a = ap.parse_args(argv)
+
+    import torch
+
+    from sweeper import manifest as mf
+    from sweeper.trial import TrialSpec
+    from trainables import speed
+    from trainables.base import resolve_precision
+
+    overrides = (SMOKE if a.smoke else []) + a.set
+    loaded = mf.load(a.manifest, overrides)
+    m = loaded.resolved()
+    if a.smoke:
+        m["resources"]["gpus"] = 0
+        m["training"]["strategy"] = m["training"]["strategy"] if m["training"]["strategy"] != "auto" else "plain"
+    space = m["search"]["space"]
+    config = {k: (v if not isinstance(v, dict) else (v.get("values") or [v.get("low")])[0]) for k, v in space.items()}
+    spec = TrialSpec(manifest=m)
+    rows = []
+    modes = a.modes.split(",")
+    p = speed.prepare(config, spec, None)
+    dev, st, fam, hp = p.device, p.stepper, p.family, p.hp
+    info = dict(manifest=Path(a.manifest).name, overrides=a.set, label=a.label, size=m["model"]["size"],
+                strategy=p.strategy, compile=bool(st.compiled), bs=hp.batch_size,
+                device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", torch=torch.__version__)
+    first = next(iter(p.train_loader(0)))
+    units_per_batch = speed.batch_units(first)[1]
+    flops = p.flops_unit or 0.0
+
+    def emit(mode, dt, extra=None):
+        r = dict(info, mode=mode, step_ms=round(dt * 1e3, 2), units_per_s=round(units_per_batch / dt, 1),
+                 unit="tokens" if speed.batch_units(first)[0] != units_per_batch else "images",
+                 mfu=round(flops * units_per_batch / dt / speed.PEAK_BF16, 4) if dev.type == "cuda" else None,
+                 peak_mem_gb=round(torch.cuda.max_memory_allocated(dev) / 1e9, 2) if dev.type == "cuda" else None,
+                 **(extra or {}))
+        print(json.dumps(r), flush=True)
+        rows.append(r)
+        if a.out:
+            with open(a.out, "a") as fh:
+                fh.write(json.dumps(r) + "\n")
+
+    if "product" in modes:
+        emit("product", _time(lambda: st.step(first), dev, a.warmup, a.steps))
+    if "loader" in modes:
+        def run_loader():
+            n = 0
+            t = None
+            for i, b in enumerate(p.train_loader(1)):
+                if i == a.warmup:
+                    _sync(dev)
+                    t = time.perf_counter()
+                if i >= a.warmup + a.steps:
+                    break
+                st.step(b)
+                n += 1
+            _sync(dev)
+            return (time.perf_counter() - t) / (n - a.warmup)
+        emit("loader", run_loader())
+    if "plain" in modes:
+        # the same family model, fresh, in a plain loop (no Stepper, no schedule, no clipping)
+        compiled = st.compiled
+        del p, st
+        import gc
+
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+        from trainables.base import cached_splits
+
+        splits = cached_splits(fam, m["data"], m["model"])
+        with (torch.device(dev) if dev.type == "cuda" else torch.device("cpu")):
+            model = fam.build_model(m["model"], splits, hp)
+        if compiled:
+            speed.compile_blocks(model)
+        model.to(dev)
+        opt = torch.optim.AdamW(model.parameters(), lr=hp.lr, fused=dev.type == "cuda" or None)
+        bf16 = resolve_precision(m["training"]["precision"], dev.type == "cuda", fam.info) == "bf16-mixed"
+
+        def plain_step():
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = fam.loss(model, first, hp)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        emit("plain", _time(plain_step, dev, a.warmup, a.steps))
+    by = {r["mode"]: r for r in rows}
+    if "product" in by and "plain" in by:
+        print(json.dumps({"label": a.label, "product_over_plain": round(by["product"]["units_per_s"] / by["plain"]["units_per_s"], 4),
+                          **({"loader_over_product": round(by["loader"]["units_per_s"] / by["product"]["units_per_s"], 4)}
+                             if "loader" in by else {})}), flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
