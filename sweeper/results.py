@@ -61,6 +61,20 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _one_per_epoch(hist: list[dict]) -> list[dict]:
+    """One report per epoch, the last one kept, in epoch order.
+
+    A driver killed after a trial's final report reached Tune's ``result.json`` but before the
+    experiment snapshot recorded it restores that trial from its newest verified checkpoint, and
+    the trial reports that epoch again (the same numbers, from the same weights). Tune's raw
+    ``result.json`` then holds the epoch twice; the results tables hold it once.
+    """
+    if not hist or not all(_finite(h.get("epoch")) for h in hist):
+        return hist  # reports without an epoch: nothing to align on, keep them as they came
+    by_epoch = {int(h["epoch"]): h for h in hist}  # the later report of an epoch wins
+    return [by_epoch[k] for k in sorted(by_epoch)]
+
+
 def trial_rows(results, *, metric: str, mode: str, phase: str, max_t: int, gpus: float, workers: int,
                decisions: list[dict], cpus: float = 1.0) -> tuple[list[dict], list[dict]]:
     """Tune ``ResultGrid`` -> (trial rows, metric rows)."""
@@ -71,7 +85,7 @@ def trial_rows(results, *, metric: str, mode: str, phase: str, max_t: int, gpus:
     for r in results:
         cfg = dict(r.config or {})
         df = r.metrics_dataframe
-        hist = df.to_dict("records") if df is not None and len(df) else []
+        hist = _one_per_epoch(df.to_dict("records") if df is not None and len(df) else [])
         last = hist[-1] if hist else (r.metrics or {})
         trial_id = (r.metrics or {}).get("trial_id") or last.get("trial_id") or Path(r.path).name
         vals = [h.get(metric) for h in hist if _finite(h.get(metric)) and not h.get("sweeper_failed")]

@@ -88,9 +88,10 @@ def _storage_trial_dir() -> Path | None:
 
 
 class TrainReporter(Reporter):
-    """Inside a Ray Train worker group: every rank reports, rank 0 attaches the checkpoint."""
+    """Inside a Ray Train worker group: every rank reports, rank 0 attaches the checkpoint
+    (``every_rank=True``: each rank attaches its own shard, which Ray Train merges: DeepSpeed)."""
 
-    def report(self, metrics, ckpt_dir):
+    def report(self, metrics, ckpt_dir, *, every_rank: bool = False):
         import ray.train
 
         rank = ray.train.get_context().get_world_rank()
@@ -101,8 +102,8 @@ class TrainReporter(Reporter):
             pg = get_current_placement_group()
             if pg is not None:
                 metrics = {**metrics, "sweeper_worker_pg": pg.id.hex()}
-        ck = ray.train.Checkpoint.from_directory(ckpt_dir) if (ckpt_dir and rank == 0) else None
-        ray.train.report(metrics, checkpoint=ck)
+        attach = ckpt_dir and (every_rank or rank == 0)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if attach else None)
 
     def restore_candidates(self) -> list[str]:
         import ray.train

@@ -181,10 +181,20 @@ def test_driver_sigkill_at_25_50_75_percent_then_resume(tmp_path):
                 assert new[0]["epoch"] == want, (name, ckpts_before, [r["epoch"] for r in after])
                 resumed_mid_trial += 1
     for name in (t.name for t in trial_dirs(phase) if t not in orphans):
-        epochs = [r["epoch"] for r in result_lines(phase / "tune" / name)]
-        # no epoch reported twice; one whose report died with the driver may be missing
-        assert len(epochs) == len(set(epochs)) and epochs == sorted(epochs) and epochs[-1] == EPOCHS, (name, epochs)
-    assert all(v[-1] == EPOCHS for v in per_trial.values()) and len(per_trial) == N_TRIALS
+        lines = result_lines(phase / "tune" / name)
+        epochs = [r["epoch"] for r in lines]
+        # Tune's raw result.json: epochs in order, none trained twice. The one allowed repeat is
+        # an epoch whose report reached result.json but not the killed driver's snapshot: the
+        # trial restores from that epoch's verified checkpoint and reports it again, from the
+        # same weights, with the same numbers (one per kill at most).
+        repeats = [i for i in range(1, len(epochs)) if epochs[i] == epochs[i - 1]]
+        assert epochs == sorted(epochs) and epochs[-1] == EPOCHS and len(repeats) <= 3, (name, epochs)
+        for i in repeats:
+            assert lines[i]["val_mae"] == lines[i - 1]["val_mae"], (name, "a repeated epoch was retrained", epochs)
+    # the results tables: exactly one row per (trial, epoch), epochs 1..EPOCHS
+    assert len(per_trial) == N_TRIALS
+    # (an epoch may be missing where Tune restarted a trial's result.json: see docs/reliability.md)
+    assert all(v == sorted(set(v)) and v[-1] == EPOCHS for v in per_trial.values()), per_trial
     meta = json.loads((sweep_dir / "run_metadata.json").read_text())
     assert [r["resumed"] for r in meta["runs"]] == [False, True, True, True]
     print(f"\nruns: {runs}\nleftover Ray processes 2 s after each driver SIGKILL: {leftovers}\n"

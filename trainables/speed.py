@@ -596,9 +596,7 @@ def _report(reporter, metrics: dict, ck: str | None, shard: bool) -> None:
     from sweeper.trial import TrainReporter
 
     if shard and isinstance(reporter, TrainReporter):
-        import ray.train  # every rank attaches its shard; Ray Train merges them into one directory
-
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ck) if ck else None)
+        reporter.report(metrics, ck, every_rank=True)  # each rank its shard; Ray Train merges them
     else:
         reporter.report(metrics, ck)
 
