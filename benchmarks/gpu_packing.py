@@ -48,7 +48,8 @@ def base_manifest(root: str, *, smoke: bool) -> dict:
                    "space": {"lr": {"type": "loguniform", "low": 1e-4, "high": 3e-3}, "batch_size": 16 if smoke else 64}},
         "scheduler": {"type": "none"},
         "selection": {"metric": "val_mae", "mode": "min"},
-        "training": {"max_epochs": 2 if smoke else 3, "seed": 0, "checkpoint_every": 0},
+        "training": {"max_epochs": 2 if smoke else 3, "seed": 0, "checkpoint_every": 0,
+                     "compile": False},  # a 4-layer model: compiling costs more start-up than it saves
         "export": {"enabled": False},
         "output": {"root": root},
     }
@@ -195,6 +196,11 @@ def main() -> int:
     rec: dict = {"benchmark": "gpu_packing", "date": args.date, "device": dev, "gpus": n_gpus, "smoke": args.smoke,
                  "command": "python benchmarks/gpu_packing.py " + " ".join(sys.argv[1:]), "model": base["model"],
                  "data": base["data"]["generator"], "epochs": base["training"]["max_epochs"]}
+    name = f"gpu_packing_{args.date}_{'cpu_smoke' if args.smoke else 'h100' if 'H100' in dev else 'gpu'}.json"
+
+    def save() -> None:  # after every part: a run cut short by a time limit keeps what it measured
+        (out / name).write_text(json.dumps(rec, indent=2, default=str))
+
     if "packed" not in skip:
         m = copy.deepcopy(base)
         m["name"], m["resources"]["gpus"] = "pack-quarter", frac
@@ -204,6 +210,7 @@ def main() -> int:
         if args.smoke:
             rec["packed_4_per_gpu"]["overhead_cpu_slots"] = _cpu_overhead(rec["packed_4_per_gpu"], 4)
         print("packed:", json.dumps({k: v for k, v in rec["packed_4_per_gpu"].items() if k != "startup_s_all"}), flush=True)
+        save()
     if "whole" not in skip:
         m = copy.deepcopy(base)
         m["name"], m["resources"]["gpus"] = "pack-whole", whole
@@ -215,6 +222,7 @@ def main() -> int:
         print("whole:", json.dumps({k: v for k, v in rec["one_per_gpu"].items() if k != "startup_s_all"}), flush=True)
         if "packed_4_per_gpu" in rec:
             rec["throughput_gain_4_vs_1"] = rec["packed_4_per_gpu"]["trials_per_hour"] / rec["one_per_gpu"]["trials_per_hour"]
+        save()
     if "auto" not in skip:
         from sweeper import packing
 
@@ -224,6 +232,7 @@ def main() -> int:
         g = packing.resolve_gpus(m, Path(root) / "auto", notice=notes.append)
         rec["auto"] = {"gpus": g, "notice": notes, "record": json.loads((Path(root) / "auto" / packing.PACKING).read_text())}
         print("auto:", notes, flush=True)
+        save()
     if "memory" not in skip:
         mem_log.unlink(missing_ok=True)
         m = copy.deepcopy(base)
@@ -238,8 +247,7 @@ def main() -> int:
         mr = rec["memory_return"]
         print(f"memory: {mr['trials_logged']} trials on {mr['actors']} actors, max growth allocated "
               f"{mr['max_growth_allocated_bytes']} B reserved {mr['max_growth_reserved_bytes']} B", flush=True)
-    name = f"gpu_packing_{args.date}_{'cpu_smoke' if args.smoke else 'h100' if 'H100' in dev else 'gpu'}.json"
-    (out / name).write_text(json.dumps(rec, indent=2, default=str))
+    save()
     print(f"wrote {out / name}")
     ray.shutdown()
     return 0

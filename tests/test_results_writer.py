@@ -28,6 +28,7 @@ from tests.conftest import ROOT
 WRITER = Path(__file__).with_name("_results_writer.py")
 sys.path.insert(0, str(WRITER.parent))
 import _results_writer  # noqa: E402
+import pytest
 
 sys.path.remove(str(WRITER.parent))
 
@@ -64,6 +65,7 @@ def _cli_leaderboard(sweep_dir: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env=env, timeout=120)
 
 
+@pytest.mark.slow  # ~60 s: CI runs it in its slow pass
 def test_50_kills_of_the_results_writer_while_the_leaderboard_reads(tmp_path):
     sweep_dir = tmp_path / "s-0000000000"
     (sweep_dir / "sweep").mkdir(parents=True)

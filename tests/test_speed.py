@@ -41,6 +41,7 @@ def test_step_bench_smoke():
     assert {r["mode"] for r in rows} == {"product", "loader", "plain"}
 
 
+@pytest.mark.slow  # ~55 s: CI runs it in its slow pass
 def test_two_worker_deepspeed_trial(ray_session, write_manifest, tiny_qwen):
     """A 2-worker (gloo) DeepSpeed ZeRO-2 trial: every evaluation reaches Tune, checkpoints hold both shards."""
     import pyarrow.parquet as pq
