@@ -229,7 +229,15 @@ def main() -> int:
         m = copy.deepcopy(base)
         m["resources"]["gpus"] = "auto"
         notes: list[str] = []
-        g = packing.resolve_gpus(m, Path(root) / "auto", notice=notes.append)
+        import yaml
+
+        from sweeper import manifest as manifest_mod
+
+        mp = Path(root) / "auto.yaml"
+        mp.write_text(yaml.safe_dump(m))
+        (Path(root) / "auto").mkdir(parents=True, exist_ok=True)
+        resolved = manifest_mod.load(mp).resolved()  # what the runner passes: every default filled in
+        g = packing.resolve_gpus(resolved, Path(root) / "auto", notice=notes.append)
         rec["auto"] = {"gpus": g, "notice": notes, "record": json.loads((Path(root) / "auto" / packing.PACKING).read_text())}
         print("auto:", notes, flush=True)
         save()

@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# One H100 call for issue 7 items 3 and 4 (benchmarks/gpu_packing.py), most important part first:
-# packing + memory return, then `gpus: auto`, then the 1-trial-per-GPU comparison.
+# H100 calls for issue 7 items 3 and 4 (benchmarks/gpu_packing.py), as run on 2026-11-26:
+#   call 1: PART=packed   (16 trials at 0.25 GPU)
+#   call 2: PART=rest     (50-trial memory return, `gpus: auto`, then 8 trials at 1 GPU each)
 # Run through the device tool with `.whl` carried (see ../shared/device/README.md for the preamble).
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 O=${OUT:-/tmp/out}; mkdir -p $O/a $O/b
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $O/nvidia-smi.txt 2>&1
-timeout ${T1:-330} python3 benchmarks/gpu_packing.py --out $O/a --skip whole 2>&1 | grep -v -i warn | tail -30 | tee $O/a.log
-timeout ${T2:-200} python3 benchmarks/gpu_packing.py --out $O/b --skip packed,auto,memory 2>&1 | grep -v -i warn | tail -20 | tee $O/b.log
+if [ "${PART:-rest}" = packed ]; then
+  timeout ${T1:-330} python3 benchmarks/gpu_packing.py --out $O/a --skip whole,auto,memory 2>&1 | grep -v -i warn | grep -v logging.cc | tail -30 | tee $O/a.log
+else
+  timeout ${T1:-240} python3 benchmarks/gpu_packing.py --out $O/a --skip packed,whole 2>&1 | grep -v -i warn | grep -v logging.cc | tail -30 | tee $O/a.log
+  timeout ${T2:-170} python3 benchmarks/gpu_packing.py --out $O/b --trials 8 --skip packed,auto,memory 2>&1 | grep -v -i warn | grep -v logging.cc | tail -20 | tee $O/b.log
+fi

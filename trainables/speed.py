@@ -616,6 +616,7 @@ def run_trial(config: dict, spec, reporter, *, use_ray_train: bool = False) -> d
     flops_unit = p.flops_unit
     timing = {"train_s": 0.0, "eval_s": 0.0, "ckpt_s": 0.0}
     first_step = None
+    first_step_unix = None
     last: dict = {}
     limit = training.get("limit_train_batches")
     for epoch in range(p.start_epoch + 1, max_epochs + 1):
@@ -626,6 +627,7 @@ def run_trial(config: dict, spec, reporter, *, use_ray_train: bool = False) -> d
                 break
             if first_step is None:
                 first_step = time.perf_counter()
+                first_step_unix = time.time()  # comparable with the driver's clock (start-up figures)
             l = st.step(batch)
             loss_sum = l.float() if loss_sum is None else loss_sum + l.float()
             nsteps += 1
@@ -640,6 +642,7 @@ def run_trial(config: dict, spec, reporter, *, use_ray_train: bool = False) -> d
         metrics["train_loss"] = train_loss
         now = time.perf_counter()
         metrics.update(epoch=epoch, phase=spec.phase, time_startup_s=(first_step or now) - t0,
+                       first_step_unix=first_step_unix if first_step is not None else time.time(),
                        time_train_s=timing["train_s"], time_eval_s=timing["eval_s"], strategy=p.strategy,
                        world=p.world, train_samples_per_s=samples * p.world / dt if dt else 0.0)
         if tokens != samples:
