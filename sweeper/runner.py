@@ -11,12 +11,14 @@ import contextlib
 import json
 import logging
 import os
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
 
 from . import artifacts, results
-from .errors import NoResult, UserError
+from .errors import IntegrityError, NoResult, UserError
 from .manifest import Loaded
 from .progress import ProgressCallback
 
@@ -86,6 +88,122 @@ def _watchdogs(m) -> list:
     return out
 
 
+_SNAPSHOT = re.compile(r"^(experiment_state|search_gen_state|searcher-state|callback-states|basic-variant-state)"
+                       r"-(?P<session>[0-9A-Za-z_.:-]+)\.(json|pkl)$")
+
+
+def _intact(f: Path) -> bool:
+    """A snapshot file written whole: JSON that parses; a pickle that ends with its STOP opcode
+    (checked without unpickling: a torn pickle is cut short, so its last byte is not ``.``)."""
+    try:
+        data = f.read_bytes()
+    except OSError:
+        return False
+    if f.suffix == ".json":
+        try:
+            json.loads(data)
+            return True
+        except ValueError:
+            return False
+    return len(data) > 0 and data[-1:] == b"."
+
+
+LAST_GOOD = ".sweeper-last-good"
+
+
+def _sessions(d: Path) -> dict[str, list[Path]]:
+    out: dict[str, list[Path]] = {}
+    if d.is_dir():
+        for f in d.iterdir():
+            mt = _SNAPSHOT.match(f.name)
+            if mt and f.is_file():
+                out.setdefault(mt["session"], []).append(f)
+    return out
+
+
+def snapshot_keeper(exp_dir: Path):
+    """A Tune callback that keeps the last intact copy of the running session's snapshot files in
+    ``<exp_dir>/.sweeper-last-good/`` (copied to a temp name, fsynced, renamed): what
+    ``set_aside_torn_snapshots`` falls back to when the driver is killed mid-snapshot."""
+    from ray.tune import Callback
+
+    class SnapshotKeeper(Callback):
+        def __init__(self):
+            self.exp_dir = Path(exp_dir)
+            self.sig = None
+            self.t = 0.0
+
+        def on_step_end(self, iteration, trials, **info):
+            now = time.monotonic()
+            if now - self.t >= 1.0:
+                self.t = now
+                self.keep()
+
+        def on_experiment_end(self, trials, **info):
+            self.keep()
+
+        def keep(self) -> None:
+            try:
+                sessions = {k: v for k, v in _sessions(self.exp_dir).items()
+                            if any(f.name.startswith("experiment_state-") for f in v)}
+                if not sessions:
+                    return
+                files = sessions[max(sessions)]  # session names are start timestamps
+                sig = tuple(sorted((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files))
+                if sig == self.sig or not all(_intact(f) for f in files):
+                    return
+                bdir = self.exp_dir / LAST_GOOD
+                bdir.mkdir(exist_ok=True)
+                for f in files:
+                    tmp = bdir / f".{f.name}.tmp"
+                    shutil.copyfile(f, tmp)
+                    with open(tmp, "rb+") as fh:
+                        os.fsync(fh.fileno())
+                    os.replace(tmp, bdir / f.name)
+                self.sig = sig
+            except OSError as e:  # a snapshot being rewritten under us: the next step tries again
+                log.debug("snapshot keeper: %s", e)
+
+    return SnapshotKeeper()
+
+
+def set_aside_torn_snapshots(exp_dir: Path, note=lambda s: None) -> list[str]:
+    """Before ``Tuner.restore``: move aside every driver session's snapshot that is torn.
+
+    Tune writes its experiment snapshot (trials, searcher, scheduler, callbacks; one set of files
+    per driver session) with plain ``open(..., "w")``, so a driver SIGKILLed mid-write leaves a
+    truncated file, and restoring from it fails; Tune then carries on as a new experiment and the
+    sweep's trials are lost. A torn session's files all go to ``.torn-<session>/`` (kept, not
+    deleted) so the restore takes the newest session that is intact: the trials that session had
+    not recorded are re-proposed, never duplicated, and their checkpoints stay on disk.
+    """
+    sessions = _sessions(exp_dir)
+    kept = _sessions(exp_dir / LAST_GOOD)
+    torn = sorted(sess for sess, files in sessions.items() if not all(_intact(f) for f in files))
+    for sess in torn:
+        dst = exp_dir / f".torn-{sess}"
+        dst.mkdir(exist_ok=True)
+        for f in sessions[sess]:
+            os.replace(f, dst / f.name)
+        good = kept.get(sess, [])
+        if any(f.name.startswith("experiment_state-") for f in good) and all(_intact(f) for f in good):
+            for f in good:  # the session's last intact snapshot, a step or two older than the torn one
+                shutil.copyfile(f, exp_dir / f.name)
+            sessions[sess] = [exp_dir / f.name for f in good]
+            msg = (f"the snapshot a killed driver was writing is torn (kept in {dst.name}/); "
+                   f"restoring from its last intact copy")
+        else:
+            sessions.pop(sess)
+            msg = f"the snapshot a killed driver was writing is torn; set aside in {dst.name}/ (restoring from the one before)"
+        log.warning(msg)
+        note(msg)
+    if torn and not any(f.name.startswith("experiment_state-") for files in sessions.values() for f in files):
+        raise IntegrityError(f"{exp_dir}: the only experiment snapshot is torn (set aside in .torn-{torn[-1]}/); "
+                             "the sweep cannot be resumed. Trial directories and checkpoints are untouched; "
+                             "move the sweep directory away to start over")
+    return torn
+
+
 def run_phase(loaded: Loaded, sweep_dir: Path, *, phase: str = "sweep", spec_overrides: dict | None = None,
               num_samples: int | None = None, searcher=True, param_space: dict | None = None,
               retry_errored: bool = False, quiet: bool = False) -> list[dict]:
@@ -123,7 +241,7 @@ def run_phase(loaded: Loaded, sweep_dir: Path, *, phase: str = "sweep", spec_ove
         storage_path=str(phase_dir.resolve()),
         verbose=0,
         progress_reporter=None,
-        callbacks=[progress, dash, *_watchdogs(m), *_tune_loggers()],
+        callbacks=[progress, dash, *_watchdogs(m), *_tune_loggers(), snapshot_keeper(exp_dir)],
         failure_config=tune.FailureConfig(max_failures=m.training.max_failures),
         checkpoint_config=tune.CheckpointConfig(
             num_to_keep=m.training.keep_checkpoints,
@@ -132,6 +250,7 @@ def run_phase(loaded: Loaded, sweep_dir: Path, *, phase: str = "sweep", spec_ove
         ),
     )
     if (exp_dir / "tuner.pkl").exists() and tune.Tuner.can_restore(str(exp_dir)):
+        set_aside_torn_snapshots(exp_dir, note=progress.note)
         log.info("resuming %s from %s", phase, exp_dir)
         progress.note(f"resuming {phase} from {exp_dir}")
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,

@@ -112,7 +112,7 @@ def result_lines(trial_dir: Path) -> list[dict]:
 
 def trial_dirs(phase_dir: Path) -> list[Path]:
     tune = phase_dir / "tune"
-    return sorted(p for p in tune.glob("*") if p.is_dir()) if tune.is_dir() else []
+    return sorted(p for p in tune.glob("*") if p.is_dir() and not p.name.startswith(".")) if tune.is_dir() else []
 
 
 def finished_trials(phase_dir: Path, max_epochs: int) -> set[str]:
