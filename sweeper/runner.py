@@ -92,20 +92,35 @@ _SNAPSHOT = re.compile(r"^(experiment_state|search_gen_state|searcher-state|call
                        r"-(?P<session>[0-9A-Za-z_.:-]+)\.(json|pkl)$")
 
 
+def _pickle_whole(data: bytes) -> bool:
+    """Walks the pickle's opcodes (``pickletools.genops`` decodes, it never builds objects or runs
+    code) and checks that the STOP opcode is the last byte: a torn pickle is cut short."""
+    import pickletools
+
+    try:
+        last = None
+        for op, _arg, pos in pickletools.genops(data):
+            last = (op.name, pos)
+        return last is not None and last[0] == "STOP" and last[1] == len(data) - 1
+    except Exception:  # noqa: BLE001 - any decoding error: not whole
+        return False
+
+
 def _intact(f: Path) -> bool:
-    """A snapshot file written whole: JSON that parses; a pickle that ends with its STOP opcode
-    (checked without unpickling: a torn pickle is cut short, so its last byte is not ``.``)."""
+    """A snapshot file written whole: JSON that parses, or a pickle whose opcodes run to STOP."""
     try:
         data = f.read_bytes()
     except OSError:
         return False
+    if data[:1] == b"\x80":  # a pickle (Tune names some of them .json: search_gen_state-*.json)
+        return _pickle_whole(data)
     if f.suffix == ".json":
         try:
             json.loads(data)
             return True
         except ValueError:
             return False
-    return len(data) > 0 and data[-1:] == b"."
+    return _pickle_whole(data)
 
 
 LAST_GOOD = ".sweeper-last-good"

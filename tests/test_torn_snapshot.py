@@ -17,7 +17,7 @@ S1, S2 = "2026-11-26_10-00-00", "2026-11-26_11-00-00"
 def _session(d, sess, trials, *, torn=None):
     files = {f"experiment_state-{sess}.json": json.dumps({"trial_data": trials}).encode(),
              f"searcher-state-{sess}.pkl": pickle.dumps({"issued": len(trials)}),
-             f"search_gen_state-{sess}.json": json.dumps({"n": len(trials)}).encode()}
+             f"search_gen_state-{sess}.json": pickle.dumps({"n": len(trials)})}  # Tune's: a pickle named .json
     for name, data in files.items():
         if torn and name.startswith(torn):
             data = data[: len(data) // 2]  # cut mid-write
