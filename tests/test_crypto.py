@@ -672,10 +672,21 @@ _MEASURE = textwrap.dedent(
         summary = crypto.encrypt_file(sys.argv[2], sys.argv[3], sys.argv[4])
     else:
         summary = crypto.decrypt_file(sys.argv[2], sys.argv[3], sys.argv[4])
+    def peak_rss():
+        # VmHWM: this process's own peak since exec. ru_maxrss is not: Linux carries the forking
+        # parent's high-water mark across fork+exec, so a child of a 450 MiB pytest process
+        # "peaked" at 450 MiB before doing anything.
+        try:
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({
         "summary": summary,
         "seconds": time.perf_counter() - t0,
-        "maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "maxrss_bytes": peak_rss(),
     }))
     """
 )
