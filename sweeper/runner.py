@@ -169,6 +169,9 @@ def snapshot_keeper(exp_dir: Path):
                     return
                 bdir = self.exp_dir / LAST_GOOD
                 bdir.mkdir(exist_ok=True)
+                tp = self.exp_dir / "tuner.pkl"  # Tune rewrites it (non-atomically) on every restore
+                if tp.is_file() and _intact(tp):
+                    files = [*files, tp]
                 for f in files:
                     tmp = bdir / f".{f.name}.tmp"
                     shutil.copyfile(f, tmp)
@@ -192,6 +195,18 @@ def set_aside_torn_snapshots(exp_dir: Path, note=lambda s: None) -> list[str]:
     deleted) so the restore takes the newest session that is intact: the trials that session had
     not recorded are re-proposed, never duplicated, and their checkpoints stay on disk.
     """
+    tp, tp_good = exp_dir / "tuner.pkl", exp_dir / LAST_GOOD / "tuner.pkl"
+    if tp.is_file() and not _intact(tp):
+        dst = exp_dir / ".torn-tuner"
+        dst.mkdir(exist_ok=True)
+        os.replace(tp, dst / tp.name)
+        if not (tp_good.is_file() and _intact(tp_good)):
+            raise IntegrityError(f"{tp}: torn by a killed driver and no intact copy is kept (moved to {dst.name}/); "
+                                 "the sweep cannot be resumed. Trial directories and checkpoints are untouched")
+        shutil.copyfile(tp_good, tp)
+        msg = f"tuner.pkl was torn by a killed driver (kept in {dst.name}/); restored its last intact copy"
+        log.warning(msg)
+        note(msg)
     sessions = _sessions(exp_dir)
     kept = _sessions(exp_dir / LAST_GOOD)
     torn = sorted(sess for sess, files in sessions.items() if not all(_intact(f) for f in files))
@@ -264,8 +279,9 @@ def run_phase(loaded: Loaded, sweep_dir: Path, *, phase: str = "sweep", spec_ove
             checkpoint_score_order=m.selection.mode,
         ),
     )
+    if (exp_dir / "tuner.pkl").exists():
+        set_aside_torn_snapshots(exp_dir, note=progress.note)  # before Tune reads any of it
     if (exp_dir / "tuner.pkl").exists() and tune.Tuner.can_restore(str(exp_dir)):
-        set_aside_torn_snapshots(exp_dir, note=progress.note)
         log.info("resuming %s from %s", phase, exp_dir)
         progress.note(f"resuming {phase} from {exp_dir}")
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,

@@ -66,3 +66,19 @@ def test_intact_snapshots_are_left_alone(tmp_path):
     before = {p.name: p.stat().st_mtime_ns for p in exp.iterdir()}
     assert runner.set_aside_torn_snapshots(exp) == []
     assert {p.name: p.stat().st_mtime_ns for p in exp.iterdir()} == before
+
+
+def test_torn_tuner_pkl_is_restored_from_its_kept_copy(tmp_path):
+    exp = tmp_path / "tune"
+    exp.mkdir()
+    _session(exp, S1, ["a"])
+    good = pickle.dumps({"tuner": 1})
+    (exp / "tuner.pkl").write_bytes(good)
+    runner.snapshot_keeper(exp).keep()
+    (exp / "tuner.pkl").write_bytes(b"")  # Tune rewrites it on restore; the kill lands mid-write
+    assert runner.set_aside_torn_snapshots(exp) == []
+    assert (exp / "tuner.pkl").read_bytes() == good
+    (exp / "tuner.pkl").write_bytes(good[:5])
+    (exp / runner.LAST_GOOD / "tuner.pkl").unlink()
+    with pytest.raises(IntegrityError, match="tuner.pkl"):
+        runner.set_aside_torn_snapshots(exp)
