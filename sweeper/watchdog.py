@@ -55,6 +55,20 @@ class HangWatchdog(Callback):
                 log.warning("killing hung trial %s: %s", trial.trial_id, e)
 
 
+def free_placement_group(pg_hex: str) -> str | None:
+    """Removes the placement group with this hex id unless it is already gone; returns the state
+    it was in when removed, or None when there was nothing to remove."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    pg = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_hex)))
+    state = placement_group_table(pg).get("state")
+    if state in (None, "REMOVED"):
+        return None
+    remove_placement_group(pg)
+    return state
+
+
 class WorkerGroupReaper(Callback):
     """Frees a multi-worker trial's Ray Train worker group when Tune ends the trial.
 
@@ -81,15 +95,10 @@ class WorkerGroupReaper(Callback):
         pg_hex = self.pgs.pop(trial.trial_id, None)
         if not pg_hex:
             return
-        import ray
-        from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
-
         try:
-            pg = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_hex)))
-            state = placement_group_table(pg).get("state")
-            if state in (None, "REMOVED"):
+            state = free_placement_group(pg_hex)
+            if state is None:
                 return  # the controller shut its worker group down itself (a normal finish)
-            remove_placement_group(pg)
             self.reaped.append((trial.trial_id, pg_hex))
             log.info("trial %s: freed its worker group's placement group %s (%s)", trial.trial_id, pg_hex, state)
         except Exception as e:  # noqa: BLE001 - never fail the sweep over cleanup

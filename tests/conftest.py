@@ -104,9 +104,11 @@ def _ray_resources_given_back(request):
     from ray._private.state import actors  # GCS table: works without the dashboard
 
     alive = [(a.get("ActorClassName"), a.get("Name"), a.get("State")) for a in actors().values() if a.get("State") != "DEAD"]
-    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+    from ray.util.placement_group import placement_group_table
+
+    from sweeper.watchdog import free_placement_group
 
     left = {k: v["bundles"] for k, v in placement_group_table().items() if v.get("state") != "REMOVED"}
     for k in left:  # free them so one leak fails one test, not every later one by a hang
-        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(k))))
+        free_placement_group(k)
     pytest.fail(f"Ray CPUs not given back 60 s after the test ({ray.available_resources().get('CPU')}/{total}): actors {alive}, placement groups {left}")
