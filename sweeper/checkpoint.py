@@ -360,7 +360,7 @@ def _torch_load_weights_only(p: Path, map_location, err: type[Exception]):
 
 def find_checkpoints(root) -> list[Path]:
     """Every checkpoint dir under ``root`` (or ``root`` itself), skipping tmp dirs, newest first:
-    by state.json (global_step, epoch) where readable, then mtime. Dirs without a readable step
+    by state.json (epoch, global_step) where readable, then mtime. Dirs without a readable state
     sort after those with one. Symlinked dirs (checkpoints/best) are not followed: no duplicates."""
     root = Path(root)
     if not root.is_dir():
@@ -412,7 +412,11 @@ def _recency(d: Path) -> tuple:
         mtime = d.stat().st_mtime_ns
     except OSError:
         mtime = 0
-    return (step, epoch, mtime, d.name)
+    # epoch first: it counts the whole run, while a step count written by an older version (or by a
+    # trainer that restarts its own counter on resume) may go back after a restore. Ordering by step
+    # first picked an epoch-2 checkpoint (32 steps in its first run) over the epoch-3 one written
+    # after a resume (16 steps in the new run): a repeated epoch after each worker kill.
+    return (epoch, step, mtime, d.name)
 
 
 def _as_int(v) -> int:

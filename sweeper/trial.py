@@ -69,7 +69,26 @@ class TuneReporter(Reporter):
         if trial_dir is not None:
             for p in trial_dir.glob("checkpoint_*"):
                 found.setdefault(str(p), p)
+            _skip_past_unregistered(found.values())
         return [str(p) for p in sorted(found.values(), key=ckpt_mod._recency, reverse=True)]
+
+
+def _skip_past_unregistered(dirs) -> None:
+    """Tune numbers a restarted trial's next checkpoint after the last one the driver registered.
+    One persisted after that (the worker died before Tune's save round-trip) would be overwritten
+    in place by the next report, and a kill during that copy would leave it mixed: number past
+    every checkpoint dir on disk instead."""
+    import re
+
+    idx = [int(m.group(1)) for d in dirs if (m := re.fullmatch(r"checkpoint_(\d{6})", Path(d).name))]
+    try:
+        from ray.train._internal.session import get_session
+
+        storage = get_session().storage
+        if idx and storage.current_checkpoint_index < max(idx):
+            storage.current_checkpoint_index = max(idx)  # the next report increments it first
+    except Exception:  # noqa: BLE001 - another Ray version: Tune's own numbering
+        pass
 
 
 def _storage_trial_dir() -> Path | None:
@@ -128,7 +147,10 @@ class ListReporter(Reporter):
             self.checkpoints.append(str(dst))
 
     def restore_candidates(self):
-        return list(reversed(self.checkpoints))
+        from . import checkpoint as ckpt_mod
+
+        # newest first by what each checkpoint records, as TuneReporter orders them
+        return [str(p) for p in sorted(map(Path, self.checkpoints), key=ckpt_mod._recency, reverse=True)]
 
 
 def _hparams(config: dict, family):
@@ -322,7 +344,7 @@ class _ReportCallback:
                         opt = trainer.optimizers[0].state_dict() if trainer.optimizers else None
                         ckpt_mod.write_checkpoint(
                             ck, {k: v.detach().cpu() for k, v in pl_module.model.state_dict().items()}, opt,
-                            {"epoch": epoch, "global_step": int(trainer.global_step) + 0, "metrics": metrics,
+                            {"epoch": epoch, "global_step": int(pl_module.step_offset) + int(trainer.global_step), "metrics": metrics,
                              "trainable": self.family.info.name, "phase": self.spec.phase, "seed": self.seed,
                              "config": self.config, "transfer": {k: self.init_report[k] for k in ("rule", "copied", "skipped")}
                              if self.init_report else None},

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sweeper import manifest
+from sweeper.checkpoint import load_checkpoint
 from sweeper.errors import UserError
 from sweeper.trial import FAILED_KEY, ListReporter, TrialSpec, train_loop
 from tests.conftest import TINY_QWEN
@@ -93,6 +94,42 @@ def test_checkpoint_resume_continues_where_it_stopped(tmp_path):
     assert [r["epoch"] for r in resumed.reports] == [3, 4]  # not restarted from scratch
     # the restored optimizer and schedule carry on: the resumed run learns like the full one
     assert resumed.reports[-1]["val_mae"] < full.reports[0]["val_mae"]
+
+
+def test_second_kill_resumes_from_the_epoch_written_after_the_first_resume(tmp_path):
+    """Killed after epoch 2, resumed, killed after epoch 3: the next run starts at epoch 4. The
+    epoch-3 checkpoint was the first of a new Lightning run; ordering checkpoints by that run's own
+    step counter (16 < 32) once picked epoch 2 again (seen in CI as a repeated epoch)."""
+    m4 = resolved(TINY_QWEN, ["training.max_epochs=4", "scheduler.max_t=4"])
+
+    class Died(Exception):
+        pass
+
+    class DieAt(ListReporter):
+        def __init__(self, root, at):
+            super().__init__(root)
+            self.at = at
+
+        def report(self, metrics, ckpt_dir):
+            super().report(metrics, ckpt_dir)
+            if metrics["epoch"] == self.at:
+                raise Died
+
+    root = str(tmp_path / "ck")
+    first = DieAt(root, 2)
+    with pytest.raises(Died):
+        train_loop({"lr": 3e-3, "batch_size": 16}, TrialSpec(manifest=m4), first)
+    second = DieAt(root, 3)
+    second.checkpoints = list(first.checkpoints)
+    with pytest.raises(Died):
+        train_loop({"lr": 3e-3, "batch_size": 16}, TrialSpec(manifest=m4), second)
+    assert [r["epoch"] for r in second.reports] == [3]
+    steps = [load_checkpoint(c).state["global_step"] for c in second.checkpoints]
+    assert steps == sorted(steps) and steps[2] == 3 * steps[0] > 0  # the step count spans the run
+    third = ListReporter(root)
+    third.checkpoints = list(second.checkpoints)
+    train_loop({"lr": 3e-3, "batch_size": 16}, TrialSpec(manifest=m4), third)
+    assert [r["epoch"] for r in third.reports] == [4]
 
 
 def test_nan_loss_ends_trial_as_failed_with_reason(tmp_path):
