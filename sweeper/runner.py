@@ -242,7 +242,7 @@ def run_phase(loaded: Loaded, sweep_dir: Path, *, phase: str = "sweep", spec_ove
     from ray import tune
 
     from .space import make_searcher
-    from .trial import TrialSpec, trial_fn
+    from .trial import TrialSpec, tune_trainable
 
     m = loaded.manifest
     phase_dir = artifacts.ensure_dir(sweep_dir, phase)  # refuses a planted symlink (sweep -> elsewhere)
@@ -252,7 +252,7 @@ def run_phase(loaded: Loaded, sweep_dir: Path, *, phase: str = "sweep", spec_ove
 
     gpus = resolve_gpus(spec.manifest, sweep_dir, notice=(lambda s: None) if quiet else print)
     spec.manifest["resources"]["gpus"] = gpus  # trials see a number, never `auto`
-    trainable = tune.with_resources(tune.with_parameters(trial_fn, spec=spec), trial_resources(m, gpus))
+    trainable = tune_trainable(spec, trial_resources(m, gpus))
     exp_dir = phase_dir / "tune"
     progress = ProgressCallback(m.name, phase, m.selection.metric, m.selection.mode, quiet=quiet,
                                 out_dir=phase_dir, total=num_samples or m.search.num_samples,

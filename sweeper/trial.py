@@ -386,6 +386,48 @@ def trial_fn(config: dict, spec: TrialSpec) -> None:
             handler.close()
 
 
+def tune_trainable(spec: TrialSpec, resources):
+    """``trial_fn`` as the Tune trainable class, with ``spec`` and ``resources`` attached.
+
+    One change to Tune's function trainable: a restore whose checkpoint is gone from local storage
+    starts the trial without it instead of failing. Tune's ``num_to_keep`` deletes a superseded
+    checkpoint as soon as the newer one registers, but the experiment snapshot naming it is taken
+    later; a driver killed in between (or a snapshot set aside as torn, see runner) leaves a restore
+    pointing at a deleted dir, and Tune's own restore raised on every retry until the trial ended
+    ``error`` with all its epochs done (seen in the driver-kill test). ``TuneReporter`` then resumes
+    from the newest verified checkpoint in the trial dir. Trial name (``trial_fn``) unchanged, so
+    sweeps written before this still restore."""
+    from ray import tune
+    from ray.tune.trainable.function_trainable import wrap_function
+
+    base = wrap_function(tune.with_resources(tune.with_parameters(trial_fn, spec=spec), resources))
+
+    class SweeperTrial(base):
+        def restore(self, checkpoint_path):
+            ck = getattr(checkpoint_path, "checkpoint", None)
+            path = getattr(ck, "path", None)
+            if path is not None and _local_fs(ck) and not os.path.exists(path):
+                metrics = getattr(checkpoint_path, "metrics", None) or {}
+                self._iteration = metrics.get("training_iteration", 0)
+                self._time_total = metrics.get("time_total_s", 0)
+                self._time_since_restore, self._iterations_since_restore = 0.0, 0
+                log.warning("checkpoint %s named by the experiment snapshot no longer exists; the trial "
+                            "resumes from the newest verified checkpoint in its dir", path)
+                return
+            return super().restore(checkpoint_path)
+
+    return SweeperTrial  # the actor shows as ray::SweeperTrial
+
+
+def _local_fs(ck) -> bool:
+    try:
+        import pyarrow.fs
+
+        return isinstance(ck.filesystem, pyarrow.fs.LocalFileSystem)
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def _attach_trial_log() -> logging.Handler | None:
     """Each trial's own log (``trial.log`` in its Tune trial dir): warm starts, restores, skipped
     checkpoints, Lightning warnings. The console stays quiet; the details are here."""

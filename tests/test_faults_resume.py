@@ -79,7 +79,6 @@ def _optuna_trials(tune_dir: Path) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.soak  # passed 2 of 4 runs on 2026-11-26 (one torn-tuner.pkl fix since); see docs/reliability.md
 def test_driver_sigkill_at_25_50_75_percent_then_resume(tmp_path):
     manifest = _manifest(tmp_path)
     results_root = tmp_path / "results"
@@ -136,7 +135,8 @@ def test_driver_sigkill_at_25_50_75_percent_then_resume(tmp_path):
     assert len(rows) == N_TRIALS
     assert len({r["trial_id"] for r in rows}) == N_TRIALS
     assert len({r["config"] for r in rows}) == N_TRIALS, "a configuration was issued twice"
-    assert all(r["status"] == "completed" and r["epochs"] == EPOCHS for r in rows), [(r["trial_id"], r["status"], r["epochs"]) for r in rows]
+    bad = [(r["trial_id"], r["status"], r["epochs"]) for r in rows if not (r["status"] == "completed" and r["epochs"] == EPOCHS)]
+    assert not bad, bad  # only the offending rows: the whole list gets cut off
     # a trial the killed driver had started but not yet recorded in its experiment-state snapshot
     # is dropped on restore (the restored searcher never issued it; a new config replaces it): its
     # dir keeps what it wrote (checkpoints, even a reported epoch or two) but it is not a result.

@@ -51,7 +51,7 @@ def _manifest(tmp_path: Path, name: str, **training) -> Path:
 def _trial_actor(ray_tmp: Path, pgid: int) -> psutil.Process | None:
     for p in ray_processes(ray_tmp, pgid):
         try:
-            if "ImplicitFunc" in " ".join(p.cmdline()):
+            if "SweeperTrial" in " ".join(p.cmdline()):
                 return p
         except psutil.Error:
             continue
