@@ -116,6 +116,7 @@ def cluster():
         c.stop()
 
 
+@pytest.mark.slow  # ~80 s on 2 cores (two fresh Ray nodes); CI runs it in its slow pass
 def test_sweep_on_two_node_cluster(cluster, tmp_path):
     shared = tmp_path / "shared-results"  # the storage both nodes see (a local path: one machine)
     data = json.loads(json.dumps(TINY_QWEN))
