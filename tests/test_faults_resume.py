@@ -182,7 +182,10 @@ def test_driver_sigkill_at_25_50_75_percent_then_resume(tmp_path):
                 # it had a verified checkpoint: it continues after the newest one, never from epoch 1
                 # (a final checkpoint whose report was lost is reported again, once)
                 want = min(max(ckpts_before) + 1, EPOCHS)
-                assert new[0]["epoch"] == want, (name, ckpts_before, [r["epoch"] for r in after])
+                if kept:
+                    assert new[0]["epoch"] == want, (name, ckpts_before, [r["epoch"] for r in after])
+                else:  # history restarted, possibly again at a later kill: it went on from here or later
+                    assert new[0]["epoch"] >= want, (name, ckpts_before, [r["epoch"] for r in after])
                 resumed_mid_trial += 1
     for name in (t.name for t in trial_dirs(phase) if t not in orphans):
         lines = result_lines(phase / "tune" / name)
