@@ -95,11 +95,10 @@ def _storage_trial_dir() -> Path | None:
     """Where Tune persists this trial's checkpoints (``<phase>/tune/<trial>``) when that is local.
     Not ``get_trial_dir()``: that is the actor's working directory, which holds none of them."""
     try:
-        import pyarrow.fs
         from ray.train._internal.session import get_session
 
         storage = get_session().storage
-        if isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
+        if _is_local(storage.storage_filesystem):
             return Path(storage.trial_fs_path)
     except Exception:  # noqa: BLE001 - remote storage or another Ray version: Tune's checkpoint only
         pass
@@ -406,7 +405,7 @@ def tune_trainable(spec: TrialSpec, resources):
         def restore(self, checkpoint_path):
             ck = getattr(checkpoint_path, "checkpoint", None)
             path = getattr(ck, "path", None)
-            if path is not None and _local_fs(ck) and not os.path.exists(path):
+            if path is not None and _is_local(getattr(ck, "filesystem", None)) and not os.path.exists(path):
                 metrics = getattr(checkpoint_path, "metrics", None) or {}
                 self._iteration = metrics.get("training_iteration", 0)
                 self._time_total = metrics.get("time_total_s", 0)
@@ -419,13 +418,11 @@ def tune_trainable(spec: TrialSpec, resources):
     return SweeperTrial  # the actor shows as ray::SweeperTrial
 
 
-def _local_fs(ck) -> bool:
-    try:
-        import pyarrow.fs
+def _is_local(fs) -> bool:
+    """Whether a pyarrow filesystem (Tune's storage, a checkpoint's) is this machine's disk."""
+    import pyarrow.fs
 
-        return isinstance(ck.filesystem, pyarrow.fs.LocalFileSystem)
-    except Exception:  # noqa: BLE001
-        return False
+    return isinstance(fs, pyarrow.fs.LocalFileSystem)
 
 
 def _attach_trial_log() -> logging.Handler | None:
