@@ -9,10 +9,75 @@ from __future__ import annotations
 
 import json
 
-from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
+import logging
+import os
+
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
+
+log = logging.getLogger(__name__)
 
 
-class RecordingASHA(AsyncHyperBandScheduler):
+# experiment dir (storage) -> the driver's staging dir where Tune writes each snapshot set whole,
+# before a background thread uploads it file by file; read by runner.snapshot_keeper
+STAGING: dict[str, str] = {}
+
+
+def _register_staging(ctrl) -> None:
+    storage = getattr(ctrl, "__dict__", {}).get("_storage")
+    try:
+        STAGING[os.path.realpath(storage.experiment_fs_path)] = storage.experiment_driver_staging_path
+    except Exception:  # noqa: BLE001 - no staging dir known: the keeper copies from storage instead
+        pass
+
+
+class SnapshotOnChange:
+    """Scheduler mixin: Tune snapshots the experiment at the end of the step in which a trial was
+    added or finished, not only when its snapshot period has passed.
+
+    A driver killed between snapshots loses every trial the last snapshot did not name: restore
+    drops it (the restored searcher never issued it) and a new configuration replaces it, so its
+    work is lost. Under CPU load Tune's steps stretch out and whole trials could start and finish
+    between two periodic snapshots. With this, a trial is in the snapshot before its first epoch
+    ends, and a finished trial is recorded as finished one step after its last result.
+
+    Tune gives schedulers the controller wrapped; the wrapper keeps the controller itself in
+    ``_tune_controller`` and the snapshot flag lives on its ``_checkpoint_manager`` (Ray 2.60,
+    ``ray/tune/execution/experiment_state.py``: the same flag ``num_to_keep`` sets). Both are
+    private, so a Ray without them only loses this guarantee, with a warning, never the sweep.
+    """
+
+    _warned = False
+
+    def _force_snapshot(self, tune_controller) -> None:
+        ctrl = getattr(tune_controller, "_tune_controller", tune_controller)
+        _register_staging(ctrl)
+        mgr = getattr(ctrl, "__dict__", {}).get("_checkpoint_manager")
+        if mgr is None or not hasattr(mgr, "_should_force_sync_up"):
+            if not SnapshotOnChange._warned:
+                SnapshotOnChange._warned = True
+                log.warning("this Ray Tune has no experiment-snapshot flag: a killed driver may lose "
+                            "the trials started since Tune's last periodic snapshot")
+            return
+        mgr._should_force_sync_up = True
+
+    def on_trial_add(self, tune_controller, trial):
+        super().on_trial_add(tune_controller, trial)
+        self._force_snapshot(tune_controller)
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        super().on_trial_complete(tune_controller, trial, result)
+        self._force_snapshot(tune_controller)
+
+    def on_trial_error(self, tune_controller, trial):
+        super().on_trial_error(tune_controller, trial)
+        self._force_snapshot(tune_controller)
+
+
+class SnapshottingFIFO(SnapshotOnChange, FIFOScheduler):
+    """Tune's default first-in-first-out scheduler, snapshotting on every trial added or finished."""
+
+
+class RecordingASHA(SnapshotOnChange, AsyncHyperBandScheduler):
     def __init__(self, *args, decisions_path: str, **kwargs):
         super().__init__(*args, **kwargs)
         self._decisions_path = decisions_path
@@ -47,3 +112,202 @@ class RecordingASHA(AsyncHyperBandScheduler):
         # one short append per decision; a crash can tear at most the last line, which readers skip
         with open(self._decisions_path, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
+
+
+class PromotingASHA(SnapshotOnChange, FIFOScheduler):
+    """ASHA with promotions (Li et al., "A System for Massively Parallel Hyperparameter Tuning",
+    Algorithm 2), not Ray's stopping variant: a trial that reaches a rung waits there (paused, its
+    checkpoint kept) unless it is in the rung's top ``1/rf`` right away; a free slot first promotes
+    the best waiting trial that has entered the top ``1/rf`` of its rung, and only then starts a new
+    configuration. About ``floor(n / rf)`` trials leave a rung that ``n`` trials reached (a few more
+    when a trial promoted early drops out of the top later), so a sweep trains close to the ideal
+    schedule's epochs (rf 3, rungs 1/3/9 of 27: 11 %), where Ray's stopping rule lets the first trials
+    at each rung through unopposed.
+
+    When the searcher has issued every configuration and nothing runs or waits to start, no waiting
+    trial can be promoted any more: each is stopped at its rung, with the cutoff it missed.
+
+    Every decision goes to ``decisions.jsonl`` (``pause`` at a rung, ``promote``, ``continue``, ``stop``,
+    ``complete``), and the scheduler rebuilds its rungs from that file when a sweep resumes, since Tune
+    snapshots searchers but not schedulers. Paused trials do not count against
+    ``search.max_concurrent``: the runner wraps the searcher in ``PauseAwareLimiter``.
+    """
+
+    def __init__(self, *, time_attr: str, max_t: int, grace_period: int, reduction_factor: float,
+                 decisions_path: str, metric: str, mode: str):
+        super().__init__()
+        self._time_attr, self._max_t, self._rf = time_attr, max_t, float(reduction_factor)
+        self._metric, self._mode = metric, mode
+        self._decisions_path = decisions_path
+        self._grace = float(grace_period)
+        self._fresh_state()
+
+    def _fresh_state(self) -> None:
+        ms, t = [], self._grace
+        while t < self._max_t:
+            ms.append(t)
+            t *= self._rf
+        self._milestones = ms  # ascending
+        self._rungs: dict[float, dict[str, float]] = {m: {} for m in ms}  # trial -> value, larger is better
+        self._promoted: dict[float, set[str]] = {m: set() for m in ms}
+        self._waiting: dict[str, float] = {}  # trial -> the rung it waits at
+        self._stopped: set[str] = set()
+        self._limiter = None
+        self._replay()
+
+    def __getstate__(self):  # Tune pickles the scheduler into tuner.pkl when the sweep starts
+        return {k: v for k, v in self.__dict__.items()
+                if k in ("_time_attr", "_max_t", "_rf", "_metric", "_mode", "_decisions_path", "_grace")}
+
+    def __setstate__(self, state):  # a resumed sweep: the rungs come back from decisions.jsonl
+        self.__dict__.update(state)
+        FIFOScheduler.__init__(self)
+        self._fresh_state()
+
+    # -- Tune's scheduler interface -------------------------------------------------------------
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        return (metric is None or metric == self._metric) and (mode is None or mode == self._mode)
+
+    def on_trial_result(self, tune_controller, trial, result):
+        if self._time_attr not in result or self._metric not in result:
+            return TrialScheduler.CONTINUE
+        tid, t = trial.trial_id, float(result[self._time_attr])
+        if tid in self._stopped:
+            return TrialScheduler.STOP
+        rung = max((m for m in self._milestones if t >= m), default=None)
+        if t >= self._max_t or rung is None:
+            if t >= self._max_t:
+                self._write({"trial_id": tid, "time": t, "rung": None, "value": float(result[self._metric]),
+                             "cutoff": None, "rung_size": 0, "action": "complete"})
+            return TrialScheduler.CONTINUE
+        if tid in self._rungs[rung]:  # reported here before (a restart from the rung's checkpoint)
+            if tid in self._promoted[rung]:
+                return TrialScheduler.CONTINUE
+            self._wait(tune_controller, tid, rung)
+            return TrialScheduler.PAUSE
+        value = float(result[self._metric])
+        self._rungs[rung][tid] = self._op(value)
+        if self._promotable(rung, tid):
+            self._promoted[rung].add(tid)
+            self._write(self._record(tid, t, rung, value, "continue"))
+            return TrialScheduler.CONTINUE
+        self._write(self._record(tid, t, rung, value, "pause"))
+        self._wait(tune_controller, tid, rung)
+        return TrialScheduler.PAUSE
+
+    def choose_trial_to_run(self, tune_controller):
+        trials = {t.trial_id: t for t in tune_controller.get_trials()}
+        for rung in reversed(self._milestones):  # the highest rung first: closest to a finished trial
+            waiting = sorted((tid for tid, r in self._waiting.items() if r == rung),
+                             key=lambda tid: -self._rungs[rung][tid])
+            for tid in waiting:
+                tr = trials.get(tid)
+                if tr is not None and tr.status == tr.PAUSED and self._promotable(rung, tid):
+                    self._promoted[rung].add(tid)
+                    del self._waiting[tid]
+                    self._limiter_paused(tune_controller).discard(tid)
+                    self._write(self._record(tid, None, rung, self._op(self._rungs[rung][tid]), "promote"))
+                    return tr
+        for tr in trials.values():
+            if tr.status == tr.PENDING:
+                return tr
+        live = [tr for tr in trials.values() if tr.status in (tr.RUNNING, tr.PENDING)]
+        if not live and tune_controller.search_alg.is_finished() and self._waiting:
+            self._stop_waiting(tune_controller, trials)
+        return None
+
+    def on_trial_remove(self, tune_controller, trial):
+        self._waiting.pop(trial.trial_id, None)
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        self._waiting.pop(trial.trial_id, None)
+        super().on_trial_complete(tune_controller, trial, result)
+
+    def debug_string(self) -> str:
+        sizes = ", ".join(f"{m:g}: {len(self._rungs[m])} ({len(self._promoted[m])} promoted)" for m in self._milestones)
+        return f"ASHA with promotions, rungs {sizes}; {len(self._waiting)} waiting"
+
+    # -- rules ----------------------------------------------------------------------------------
+    def _op(self, value: float) -> float:
+        return -value if self._mode == "min" else value
+
+    def _quota(self, rung: float) -> int:
+        return int(len(self._rungs[rung]) / self._rf + 1e-9)
+
+    def _cutoff(self, rung: float) -> float | None:
+        """The worst value still inside the rung's top ``floor(n / rf)`` (in the metric's own sign)."""
+        k = self._quota(rung)
+        if k == 0:
+            return None
+        return self._op(sorted(self._rungs[rung].values(), reverse=True)[k - 1])
+
+    def _promotable(self, rung: float, tid: str) -> bool:
+        # the paper's rule: in the rung's top floor(n / rf) and not promoted yet. A trial promoted
+        # early may drop out of the top later, so a little more than the ideal share can leave a
+        # rung, but every trial in a rung's final top share is promoted (a stopped trial is always
+        # worse than the cutoff it is shown).
+        k = self._quota(rung)
+        if k == 0 or tid in self._promoted[rung]:
+            return False
+        top = sorted(self._rungs[rung], key=lambda x: -self._rungs[rung][x])[:k]
+        return tid in top
+
+    def _record(self, tid, t, rung, value, action) -> dict:
+        return {"trial_id": tid, "time": t if t is not None else rung, "rung": rung, "value": float(value),
+                "cutoff": self._cutoff(rung), "rung_size": len(self._rungs[rung]), "action": action}
+
+    def _wait(self, tune_controller, tid: str, rung: float) -> None:
+        self._waiting[tid] = rung
+        self._limiter_paused(tune_controller).add(tid)
+
+    def _limiter_paused(self, tune_controller) -> set:
+        if self._limiter is None:
+            s = getattr(getattr(tune_controller, "search_alg", None), "searcher", None)
+            self._limiter = s if isinstance(getattr(s, "paused", None), set) else False
+            if self._limiter:  # after a resume the limiter's saved set may be a snapshot behind
+                self._limiter.paused.clear()
+                self._limiter.paused.update(self._waiting)
+        return self._limiter.paused if self._limiter else set()
+
+    def _stop_waiting(self, tune_controller, trials) -> None:
+        from ray.tune.utils import flatten_dict
+
+        for tid, rung in sorted(self._waiting.items()):
+            tr = trials.get(tid)
+            if tr is None or tr.status != tr.PAUSED:
+                continue
+            self._stopped.add(tid)
+            self._write(self._record(tid, None, rung, self._op(self._rungs[rung][tid]), "stop"))
+            self._limiter_paused(tune_controller).discard(tid)
+            # the searcher learns the trial's last result (Tune would tell it nothing for a paused trial)
+            tune_controller.search_alg.on_trial_complete(tid, result=flatten_dict(tr.last_result or {}))
+            tune_controller.stop_trial(tr)
+        self._waiting.clear()
+
+    # -- decisions file: the record, and the state a resumed sweep starts from -----------------
+    def _write(self, rec: dict) -> None:
+        with open(self._decisions_path, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+
+    def _replay(self) -> None:
+        try:
+            lines = open(self._decisions_path).read().splitlines()
+        except OSError:
+            return
+        for line in lines:
+            try:
+                d = json.loads(line)
+                rung, tid, action = d.get("rung"), d["trial_id"], d["action"]
+            except (ValueError, KeyError, TypeError):
+                continue  # a line torn by a killed driver
+            if rung not in self._rungs:
+                continue
+            self._rungs[rung][tid] = self._op(float(d["value"]))
+            if action in ("continue", "promote"):
+                self._promoted[rung].add(tid)
+                self._waiting.pop(tid, None)
+            elif action == "pause":
+                self._waiting[tid] = rung
+            elif action == "stop":
+                self._stopped.add(tid)
+                self._waiting.pop(tid, None)

@@ -165,6 +165,11 @@ class SchedulerSpec(Strict):
     max_t: int = Field(9, ge=1)
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(3.0, gt=1)
+    variant: Literal["stopping", "promotion"] = "stopping"
+    """``stopping``: Ray's asynchronous ASHA (a trial goes on unless it is below the cutoff of the
+    trials that reached its rung before it). ``promotion``: ASHA as published: a trial waits at its
+    rung (paused) until it is in the rung's top 1/reduction_factor, so no more than the ideal share of
+    trials leaves each rung (sweeper/asha.py ``PromotingASHA``; benchmarks/RESULTS.md has both)."""
 
 
 class SelectionSpec(Strict):

@@ -75,6 +75,33 @@ def _one_per_epoch(hist: list[dict]) -> list[dict]:
     return [by_epoch[k] for k in sorted(by_epoch)]
 
 
+RUN_TIMES = ("time_startup_s", "time_train_s", "time_eval_s", "time_ckpt_s", "time_wall_s")
+
+
+def _runs_summed(hist: list[dict]) -> list[dict]:
+    """A trial's reports with its clocks summed over runs.
+
+    Each run of a trial (the first, a retry after a failure, a resume after a driver kill, a
+    promotion out of a paused ASHA rung) reports times from its own start. A new run shows as a new
+    ``first_step_unix`` or a wall clock that went back; from there on, each clock gets the previous
+    runs' totals added, so the last report holds what the whole trial cost. (Work a killed run did
+    after its last report is not in any report and is not counted.)"""
+    out, offset, prev, prev_first = [], dict.fromkeys(RUN_TIMES, 0.0), None, None
+    for h in hist:
+        first = h.get("first_step_unix")
+        wall = h.get("time_wall_s")
+        if prev is not None and ((_finite(first) and _finite(prev_first) and first != prev_first)
+                                 or (_finite(wall) and _finite(prev.get("time_wall_s")) and wall < prev["time_wall_s"])):
+            for k in RUN_TIMES:
+                if _finite(prev.get(k)):
+                    offset[k] += float(prev[k])
+        prev, prev_first = h, first
+        if any(offset.values()):
+            h = {**h, **{k: float(h[k]) + offset[k] for k in RUN_TIMES if _finite(h.get(k))}}
+        out.append(h)
+    return out
+
+
 def trial_rows(results, *, metric: str, mode: str, phase: str, max_t: int, gpus: float, workers: int,
                decisions: list[dict], cpus: float = 1.0) -> tuple[list[dict], list[dict]]:
     """Tune ``ResultGrid`` -> (trial rows, metric rows)."""
@@ -85,7 +112,7 @@ def trial_rows(results, *, metric: str, mode: str, phase: str, max_t: int, gpus:
     for r in results:
         cfg = dict(r.config or {})
         df = r.metrics_dataframe
-        hist = _one_per_epoch(df.to_dict("records") if df is not None and len(df) else [])
+        hist = _one_per_epoch(_runs_summed(df.to_dict("records") if df is not None and len(df) else []))
         last = hist[-1] if hist else (r.metrics or {})
         trial_id = (r.metrics or {}).get("trial_id") or last.get("trial_id") or Path(r.path).name
         vals = [h.get(metric) for h in hist if _finite(h.get(metric)) and not h.get("sweeper_failed")]
@@ -103,15 +130,15 @@ def trial_rows(results, *, metric: str, mode: str, phase: str, max_t: int, gpus:
             stops = [d for d in by_trial.get(trial_id, []) if d["action"] == "stop"]
             if stops:
                 d = stops[-1]
-                stop_reason = (f"ASHA: {metric}={d['value']:.4g} worse than the rung-{d['rung']} cutoff "
-                               f"{d['cutoff']:.4g} ({d['rung_size']} trials at the rung)")
+                stop_reason = (f"ASHA: {metric}={d['value']:.4g} worse than the rung-{d['rung']:g} cutoff "
+                               f"{_g(d.get('cutoff'))} ({d['rung_size']} trials at the rung)")
             else:
                 stop_reason = f"stopped at epoch {epochs} of {max_t}"
         elif not hist:
             status = "pending"
         else:
             status = "completed"
-            passed = [d for d in by_trial.get(trial_id, []) if d.get("rung") is not None and d["action"] == "continue"]
+            passed = [d for d in by_trial.get(trial_id, []) if d.get("rung") is not None and d["action"] in ("continue", "promote")]
             if passed:
                 stop_reason = "ran to max_t; ASHA continued it at " + ", ".join(
                     f"rung {d['rung']} ({d['value']:.4g} vs cutoff {_g(d.get('cutoff'))})" for d in passed)

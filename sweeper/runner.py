@@ -15,10 +15,12 @@ import re
 import shutil
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 from . import artifacts, results
 from .errors import IntegrityError, NoResult, UserError
+from .fsutil import atomic_write_bytes
 from .manifest import Loaded
 from .progress import ProgressCallback
 
@@ -35,12 +37,20 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
 
 
-def make_scheduler(loaded: Loaded, decisions_path: Path):
-    m = loaded.manifest
-    if m.scheduler.type == "none":
-        return None
-    from .asha import RecordingASHA
+def make_scheduler(loaded: Loaded, decisions_path: Path | None):
+    """The sweep phase's scheduler; ``None`` gives the first-in-first-out one (promotion, or a
+    manifest with ``scheduler.type: none``). Each snapshots on every trial added or finished."""
+    from .asha import PromotingASHA, RecordingASHA, SnapshottingFIFO
 
+    m = loaded.manifest
+    if decisions_path is None or m.scheduler.type == "none":
+        return SnapshottingFIFO()
+
+    if m.scheduler.variant == "promotion":
+        return PromotingASHA(
+            time_attr=m.scheduler.time_attr, max_t=m.scheduler.max_t, grace_period=m.scheduler.grace_period,
+            reduction_factor=m.scheduler.reduction_factor, decisions_path=str(decisions_path),
+            metric=m.selection.metric, mode=m.selection.mode)
     return RecordingASHA(
         time_attr=m.scheduler.time_attr,
         max_t=m.scheduler.max_t,
@@ -112,9 +122,13 @@ def _intact(f: Path) -> bool:
         data = f.read_bytes()
     except OSError:
         return False
+    return _intact_bytes(f.name, data)
+
+
+def _intact_bytes(name: str, data: bytes) -> bool:
     if data[:1] == b"\x80":  # a pickle (Tune names some of them .json: search_gen_state-*.json)
         return _pickle_whole(data)
-    if f.suffix == ".json":
+    if name.endswith(".json"):
         try:
             json.loads(data)
             return True
@@ -137,25 +151,80 @@ def _sessions(d: Path) -> dict[str, list[Path]]:
 
 
 def snapshot_keeper(exp_dir: Path):
-    """A Tune callback that keeps the last intact copy of the running session's snapshot files in
-    ``<exp_dir>/.sweeper-last-good/`` (copied to a temp name, fsynced, renamed): what
-    ``set_aside_torn_snapshots`` falls back to when the driver is killed mid-snapshot."""
+    """A Tune callback that keeps, in ``<exp_dir>/.sweeper-last-good/``, the newest consistent set of
+    the running session's snapshot files: what ``set_aside_torn_snapshots`` restores from.
+
+    Tune writes a snapshot set (trials, searcher, search generator) whole into the driver's staging
+    dir, then a background thread uploads it to the experiment dir file by file. A driver killed
+    mid-upload leaves a torn file, or a *mixed* set: trials from one step, the searcher from another
+    (a trial finished in one and still running in the other, so the restored searcher never hears
+    of its end, or hears of a trial it never issued). After each step that wrote a snapshot, the
+    keeper zips the staging set into ``<session>.zip`` (temp name, fsync, rename): one file, so the
+    kept set is never mixed. Where the staging dir is unknown (a scheduler that did not register
+    it: ``asha.STAGING``), it copies the experiment dir's files once they are all intact, as before.
+    ``tuner.pkl`` (rewritten by Tune, non-atomically, on every restore) is kept the same way."""
     from ray.tune import Callback
 
     class SnapshotKeeper(Callback):
+        # NB: Tune pickles this callback into tuner.pkl (by value: a local class) and a resumed sweep
+        # runs the unpickled copy. So it looks the staging registry up at call time, in the live
+        # module: a dict captured here would be a frozen copy from the sweep's first session.
         def __init__(self):
             self.exp_dir = Path(exp_dir)
             self.sig = None
+            self.bundle_sig = None
             self.t = 0.0
 
         def on_step_end(self, iteration, trials, **info):
+            self.keep_bundle()
             now = time.monotonic()
             if now - self.t >= 1.0:
                 self.t = now
                 self.keep()
 
         def on_experiment_end(self, trials, **info):
+            self.keep_bundle()
             self.keep()
+
+        def keep_bundle(self) -> None:
+            import importlib
+
+            staging = importlib.import_module("sweeper.asha").STAGING.get(os.path.realpath(self.exp_dir))
+            if not staging:
+                return
+            try:
+                sessions = {k: v for k, v in _sessions(Path(staging)).items()
+                            if any(f.name.startswith("experiment_state-") for f in v)}
+                if not sessions:
+                    return
+                sess = max(sessions)
+                files = sessions[sess]
+                sig = tuple(sorted((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files))
+                if sig == self.bundle_sig:
+                    return
+                data = {f.name: f.read_bytes() for f in files}
+                if not all(_intact_bytes(n, b) for n, b in data.items()):
+                    return
+                bdir = self.exp_dir / LAST_GOOD
+                bdir.mkdir(exist_ok=True)
+                tmp = bdir / f".{sess}.zip.tmp"
+                with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z:
+                    for n, b in sorted(data.items()):
+                        z.writestr(n, b)
+                with open(tmp, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(tmp, bdir / f"{sess}.zip")
+                self.bundle_sig = sig
+                self.keep_tuner(bdir)
+            except OSError as e:
+                log.debug("snapshot keeper: %s", e)
+
+        def keep_tuner(self, bdir: Path) -> None:
+            tp = self.exp_dir / "tuner.pkl"
+            if tp.is_file() and not (bdir / tp.name).is_file():
+                data = tp.read_bytes()
+                if _intact_bytes(tp.name, data):
+                    atomic_write_bytes(bdir / tp.name, data)
 
         def keep(self) -> None:
             try:
@@ -165,24 +234,74 @@ def snapshot_keeper(exp_dir: Path):
                     return
                 files = sessions[max(sessions)]  # session names are start timestamps
                 sig = tuple(sorted((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files))
-                if sig == self.sig or not all(_intact(f) for f in files):
+                if sig == self.sig:
+                    return
+                tp = self.exp_dir / "tuner.pkl"
+                if tp.is_file():
+                    files = [*files, tp]
+                data = {f.name: f.read_bytes() for f in files}  # checked as read: a file rewritten meanwhile is not copied torn
+                if not all(_intact_bytes(n, b) for n, b in data.items()):
                     return
                 bdir = self.exp_dir / LAST_GOOD
                 bdir.mkdir(exist_ok=True)
-                tp = self.exp_dir / "tuner.pkl"  # Tune rewrites it (non-atomically) on every restore
-                if tp.is_file() and _intact(tp):
-                    files = [*files, tp]
-                for f in files:
-                    tmp = bdir / f".{f.name}.tmp"
-                    shutil.copyfile(f, tmp)
-                    with open(tmp, "rb+") as fh:
-                        os.fsync(fh.fileno())
-                    os.replace(tmp, bdir / f.name)
+                for n, b in data.items():
+                    atomic_write_bytes(bdir / n, b)
                 self.sig = sig
             except OSError as e:  # a snapshot being rewritten under us: the next step tries again
                 log.debug("snapshot keeper: %s", e)
 
     return SnapshotKeeper()
+
+
+def _bundle(z: Path) -> dict[str, bytes] | None:
+    """A kept snapshot set: its files when the zip reads back whole (CRCs) and each file is intact."""
+    try:
+        with zipfile.ZipFile(z) as zf:
+            if zf.testzip() is not None:
+                return None
+            data = {n: zf.read(n) for n in zf.namelist()}
+    except (OSError, zipfile.BadZipFile, EOFError):
+        return None
+    ok = (data and any(n.startswith("experiment_state-") for n in data)
+          and all(_SNAPSHOT.match(n) and _intact_bytes(n, b) for n, b in data.items()))
+    return data if ok else None
+
+
+def restore_kept_sets(exp_dir: Path, note=lambda s: None) -> list[str]:
+    """Before ``Tuner.restore``: put back each session's kept snapshot set (``SnapshotKeeper``) where
+    the experiment dir's files differ from it (torn or mixed by a killed driver's upload). The
+    files replaced go to ``.superseded-<session>/``. Returns the sessions put back."""
+    bdir = exp_dir / LAST_GOOD
+    done = []
+    sessions = _sessions(exp_dir)
+    for z in sorted(bdir.glob("*.zip")) if bdir.is_dir() else []:
+        sess = z.name[: -len(".zip")]
+        data = _bundle(z)
+        if data is None:
+            log.warning("kept snapshot set %s does not verify; not used", z.name)
+            continue
+        cur = {f.name: f for f in sessions.get(sess, [])}
+        try:
+            same = set(cur) == set(data) and all(cur[n].read_bytes() == b for n, b in data.items())
+        except OSError:
+            same = False
+        if same:
+            continue
+        dst = exp_dir / f".superseded-{sess}"
+        shutil.rmtree(dst, ignore_errors=True)
+        dst.mkdir()
+        for f in cur.values():
+            os.replace(f, dst / f.name)
+        for n, b in data.items():
+            atomic_write_bytes(exp_dir / n, b)
+        done.append(sess)
+        torn = [n for n, f in cur.items() if not _intact(dst / n)]
+        msg = (f"restored the snapshot of driver session {sess} from its kept copy: the copy in the sweep dir "
+               f"was {'torn' if torn else 'mixed or older'} (a killed driver's upload; kept in {dst.name}/)")
+        log.info(msg)
+        if torn:
+            note(msg)
+    return done
 
 
 def set_aside_torn_snapshots(exp_dir: Path, note=lambda s: None) -> list[str]:
@@ -280,7 +399,8 @@ def run_phase(loaded: Loaded, sweep_dir: Path, *, phase: str = "sweep", spec_ove
         ),
     )
     if (exp_dir / "tuner.pkl").exists():
-        set_aside_torn_snapshots(exp_dir, note=progress.note)  # before Tune reads any of it
+        restore_kept_sets(exp_dir, note=progress.note)  # before Tune reads any of it
+        set_aside_torn_snapshots(exp_dir, note=progress.note)
     if (exp_dir / "tuner.pkl").exists() and tune.Tuner.can_restore(str(exp_dir)):
         log.info("resuming %s from %s", phase, exp_dir)
         progress.note(f"resuming {phase} from {exp_dir}")
@@ -289,6 +409,13 @@ def run_phase(loaded: Loaded, sweep_dir: Path, *, phase: str = "sweep", spec_ove
                                    param_space=None)
     else:
         srch, fixed = make_searcher(m.search, m.selection.metric, m.selection.mode) if searcher else (None, {})
+        concurrency = m.search.max_concurrent
+        if phase == "sweep" and m.scheduler.type == "asha" and m.scheduler.variant == "promotion":
+            # trials paused at a rung must not hold the searcher's concurrency slots (space.py)
+            from .space import PauseAwareLimiter
+
+            srch = PauseAwareLimiter(srch, concurrency) if srch is not None else None
+            concurrency = None  # without a searcher, the trials' resources bound concurrency
         space = dict(fixed)
         if param_space:
             space.update(param_space)
@@ -297,9 +424,9 @@ def run_phase(loaded: Loaded, sweep_dir: Path, *, phase: str = "sweep", spec_ove
             param_space=space,
             tune_config=tune.TuneConfig(
                 search_alg=srch,
-                scheduler=make_scheduler(loaded, decisions_path) if phase == "sweep" else None,
+                scheduler=make_scheduler(loaded, decisions_path if phase == "sweep" else None),
                 num_samples=num_samples or m.search.num_samples,
-                max_concurrent_trials=m.search.max_concurrent,
+                max_concurrent_trials=concurrency,
                 metric=m.selection.metric,
                 mode=m.selection.mode,
                 reuse_actors=True,

@@ -54,3 +54,31 @@ def make_searcher(search: SearchSpec, metric: str, mode: str):
     if not dists:  # every value fixed: Tune needs no searcher, one config repeated num_samples times
         return None, fixed
     return OptunaSearch(space=dists, metric=metric, mode=mode, sampler=sampler), fixed
+
+
+def _limiter_base():
+    from ray.tune.search import ConcurrencyLimiter
+
+    return ConcurrencyLimiter
+
+
+class PauseAwareLimiter(_limiter_base()):
+    """Tune's ConcurrencyLimiter, except that trials paused by ASHA with promotions (waiting at a
+    rung, holding no resources) do not count: the scheduler (``asha.PromotingASHA``) keeps the set
+    ``paused`` up to date. With Tune's own limiter, ``max_concurrent`` paused trials would stop the
+    searcher from ever issuing another configuration, and the sweep would stall."""
+
+    def __init__(self, searcher, max_concurrent: int):
+        super().__init__(searcher, max_concurrent=max_concurrent)
+        self.paused: set[str] = set()
+
+    def suggest(self, trial_id: str):
+        if not self._limit_concurrency:
+            return self.searcher.suggest(trial_id)
+        if len(self.live_trials - self.paused) >= self.max_concurrent:
+            return None
+        suggestion = self.searcher.suggest(trial_id)
+        if suggestion not in (None, "FINISHED"):
+            self.live_trials.add(trial_id)
+            self.num_unfinished_live_trials += 1
+        return suggestion

@@ -388,7 +388,8 @@ def trial_fn(config: dict, spec: TrialSpec) -> None:
 def tune_trainable(spec: TrialSpec, resources):
     """``trial_fn`` as the Tune trainable class, with ``spec`` and ``resources`` attached.
 
-    One change to Tune's function trainable: a restore whose checkpoint is gone from local storage
+    Two changes to Tune's function trainable. A reused actor waits (``REUSE_WAIT_S``) for the last
+    trial's thread to end instead of 2 s. A restore whose checkpoint is gone from local storage
     starts the trial without it instead of failing. Tune's ``num_to_keep`` deletes a superseded
     checkpoint as soon as the newer one registers, but the experiment snapshot naming it is taken
     later; a driver killed in between (or a snapshot set aside as torn, see runner) leaves a restore
@@ -397,11 +398,30 @@ def tune_trainable(spec: TrialSpec, resources):
     from the newest verified checkpoint in the trial dir. Trial name (``trial_fn``) unchanged, so
     sweeps written before this still restore."""
     from ray import tune
+
+    return sweeper_trainable(tune.with_resources(tune.with_parameters(trial_fn, spec=spec), resources))
+
+
+# How long a reused actor waits for the previous trial's thread to end (its last steps after the
+# final report: removing a checkpoint's staging dir, giving GPU memory back). Tune's own wait is
+# TUNE_FUNCTION_THREAD_TIMEOUT_S = 2 s; past it the reset fails, and Tune 2.60 then errors the next
+# trial without telling the searcher, whose concurrency slot is never freed: the sweep waited
+# forever (0.5B trials on the H100, 2026-11-26: 5.6 GB checkpoints). A thread that truly hangs is
+# the hang watchdog's (training.hang_timeout_s).
+REUSE_WAIT_S = os.environ.get("SWEEPER_REUSE_WAIT_S", "600")
+
+
+def sweeper_trainable(fn):
+    """A Tune function trainable class around ``fn`` (see ``tune_trainable``)."""
     from ray.tune.trainable.function_trainable import wrap_function
 
-    base = wrap_function(tune.with_resources(tune.with_parameters(trial_fn, spec=spec), resources))
+    base = wrap_function(fn)
 
     class SweeperTrial(base):
+        def reset_config(self, new_config):
+            os.environ["TUNE_FUNCTION_THREAD_TIMEOUT_S"] = REUSE_WAIT_S  # read by Tune's reset_config
+            return super().reset_config(new_config)
+
         def restore(self, checkpoint_path):
             ck = getattr(checkpoint_path, "checkpoint", None)
             path = getattr(ck, "path", None)

@@ -201,3 +201,26 @@ def test_sleep_trainable_without_checkpoints(ray_session, write_manifest):
     assert [r["status"] for r in rows] == ["completed"] * 4
     assert all(r["checkpoint"] is None and r["ckpt_s"] == 0 and r["train_s"] > 0 for r in rows)
     assert len({r["worker_pid"] for r in rows}) <= 2  # 4 trials on 2 reused actors
+
+
+def test_a_trial_run_in_several_runs_costs_the_sum_of_its_runs():
+    """A promotion out of a paused rung, a retry or a resume starts the trial's clocks again: the
+    results add the runs up (the last report alone would say only what the last run cost)."""
+    from sweeper import results
+
+    run1 = [{"epoch": 1, "first_step_unix": 100.0, "time_startup_s": 2.0, "time_train_s": 1.0, "time_eval_s": 0.5,
+             "time_ckpt_s": 0.1, "time_wall_s": 4.0}]
+    run2 = [{"epoch": e, "first_step_unix": 200.0, "time_startup_s": 3.0, "time_train_s": 1.0 * (e - 1),
+             "time_eval_s": 0.5 * (e - 1), "time_ckpt_s": 0.1 * (e - 1), "time_wall_s": 3.5 + 2.0 * (e - 1)}
+            for e in (2, 3)]
+    out = results._runs_summed(run1 + run2)
+    assert out[0] == run1[0]
+    assert out[-1]["time_wall_s"] == 4.0 + 7.5 and out[-1]["time_startup_s"] == 5.0
+    assert abs(out[-1]["time_train_s"] - 3.0) < 1e-9 and out[-1]["epoch"] == 3
+    acct = results.accounting(out[-1], gpus=0, cpus=1, workers=1)
+    assert acct["wall_s"] == 11.5 and abs(acct["idle_s"] - (11.5 - 5.0 - 3.0 - 1.5 - 0.3)) < 1e-9
+    # no first_step_unix: a wall clock that went back marks the new run
+    bare = [{"epoch": 1, "time_wall_s": 9.0}, {"epoch": 2, "time_wall_s": 6.0}, {"epoch": 3, "time_wall_s": 8.0}]
+    assert results._runs_summed(bare)[-1]["time_wall_s"] == 17.0
+    # one run: unchanged
+    assert results._runs_summed(run2) == run2

@@ -79,7 +79,6 @@ def _optuna_trials(tune_dir: Path) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.soak  # intermittent under CPU load: see docs/reliability.md, status of row 1
 def test_driver_sigkill_at_25_50_75_percent_then_resume(tmp_path):
     manifest = _manifest(tmp_path)
     results_root = tmp_path / "results"

@@ -82,3 +82,45 @@ def test_torn_tuner_pkl_is_restored_from_its_kept_copy(tmp_path):
     (exp / runner.LAST_GOOD / "tuner.pkl").unlink()
     with pytest.raises(IntegrityError, match="tuner.pkl"):
         runner.set_aside_torn_snapshots(exp)
+
+
+def test_mixed_upload_is_replaced_by_the_kept_staging_set(tmp_path):
+    """Tune uploads a snapshot set from its staging dir file by file: a kill mid-upload leaves the
+    trials of one step beside the searcher of another. The keeper zips each staging set whole; the
+    restore puts that set back and keeps the mixed files aside."""
+    import os
+
+    from sweeper import asha
+
+    exp, staging = tmp_path / "tune", tmp_path / "staging"
+    exp.mkdir()
+    staging.mkdir()
+    asha.STAGING[os.path.realpath(exp)] = str(staging)
+    try:
+        keeper = runner.snapshot_keeper(exp)
+        _session(staging, S1, ["a", "b"])
+        keeper.keep_bundle()
+        _session(staging, S1, ["a", "b", "c"])  # the next step's snapshot, written whole
+        keeper.keep_bundle()
+        kept = (exp / runner.LAST_GOOD / f"{S1}.zip")
+        assert kept.is_file() and not list((exp / runner.LAST_GOOD).glob(".*.tmp"))
+        # the upload got the new trials but not the new searcher before the kill
+        _session(exp, S1, ["a", "b"])
+        (exp / f"experiment_state-{S1}.json").write_bytes((staging / f"experiment_state-{S1}.json").read_bytes())
+        notes = []
+        assert runner.restore_kept_sets(exp, note=notes.append) == [S1]
+        for f in staging.iterdir():
+            assert (exp / f.name).read_bytes() == f.read_bytes(), f.name
+        assert (exp / f".superseded-{S1}" / f"searcher-state-{S1}.pkl").is_file()
+        assert notes == []  # mixed, not torn: nothing for the user to act on
+        assert runner.restore_kept_sets(exp) == []  # now identical: left alone
+        # a torn upload: put back too, and the user is told
+        (exp / f"searcher-state-{S1}.pkl").write_bytes(b"\x80\x04")
+        assert runner.restore_kept_sets(exp, note=notes.append) == [S1] and "torn" in notes[0]
+        # a kept zip that does not verify is never used
+        kept.write_bytes(kept.read_bytes()[:-30])
+        (exp / f"experiment_state-{S1}.json").write_text("{}")
+        assert runner.restore_kept_sets(exp) == []
+        assert (exp / f"experiment_state-{S1}.json").read_text() == "{}"
+    finally:
+        asha.STAGING.pop(os.path.realpath(exp), None)

@@ -1,0 +1,116 @@
+"""ASHA with promotions (scheduler.variant: promotion): about floor(n / rf) trials leave a rung, so
+9 trials over rungs 1/3 of max_t 9 train close to the ideal 9·1 + 3·2 + 1·6 = 21 epochs (of 81); paused
+trials resume from their checkpoint (no epoch twice), the best configuration runs to max_t, every
+decision is written down, and the searcher keeps issuing configurations while trials wait.
+
+Real Tune, real OptunaSearch, the shared local Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+MAX_T = 9
+
+
+def _trainable(config):
+    from ray import tune
+
+    ck = tune.get_checkpoint()
+    start = 0
+    if ck is not None:
+        with ck.as_directory() as d:
+            start = json.loads((Path(d) / "s.json").read_text())["epoch"]
+    for epoch in range(start + 1, MAX_T + 1):
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "s.json").write_text(json.dumps({"epoch": epoch}))
+            tune.report({"epoch": epoch, "loss": config["x"] + 1.0 / epoch, "start": start},
+                        checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def _sweep(tmp_path: Path, *, restore: bool = False):
+    import optuna
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from sweeper.asha import PromotingASHA
+    from sweeper.space import PauseAwareLimiter
+
+    decisions = tmp_path / "decisions.jsonl"
+    sched = PromotingASHA(time_attr="epoch", max_t=MAX_T, grace_period=1, reduction_factor=3,
+                          decisions_path=str(decisions), metric="loss", mode="min")
+    search = PauseAwareLimiter(OptunaSearch(space={"x": optuna.distributions.FloatDistribution(0, 1)},
+                                            metric="loss", mode="min",
+                                            sampler=optuna.samplers.RandomSampler(seed=3)), 2)
+    tuner = tune.Tuner(
+        _trainable,
+        tune_config=tune.TuneConfig(search_alg=search, scheduler=sched, num_samples=9, metric="loss",
+                                    mode="min", reuse_actors=True),
+        run_config=tune.RunConfig(name="exp", storage_path=str(tmp_path), verbose=0),
+    )
+    return tuner.fit(), decisions
+
+
+def test_promotions_train_the_ideal_schedule_and_nothing_twice(tmp_path):
+    grid, decisions = _sweep(tmp_path)
+    assert len(grid) == 9 and not grid.errors
+    epochs, configs = {}, {}
+    for r in grid:
+        df = r.metrics_dataframe
+        eps = list(df["epoch"])
+        assert eps == sorted(set(eps)), f"an epoch ran twice or out of order: {eps}"
+        assert eps[0] == 1
+        epochs[r.metrics["trial_id"]] = eps[-1]
+        configs[r.metrics["trial_id"]] = r.config["x"]
+    # ideal 21 of the full budget's 81; a trial promoted early that drops out of the top later adds some
+    assert 21 <= sum(epochs.values()) <= 36, epochs
+    best = min(configs, key=configs.get)
+    assert epochs[best] == MAX_T, "the best configuration ran to max_t"
+    # resumed trials started from their rung's checkpoint
+    starts = {r.metrics["trial_id"]: set(r.metrics_dataframe["start"]) for r in grid}
+    assert all(s - {0} <= {1, 3} for s in starts.values()), starts
+
+    recs = [json.loads(x) for x in decisions.read_text().splitlines()]
+    promoted = {d["trial_id"] for d in recs if d["action"] == "promote"}  # waited, paused, then resumed
+    assert promoted and promoted == {t for t, s in starts.items() if s - {0}}, (promoted, starts)
+    acts = {}
+    for d in recs:
+        acts.setdefault(d["trial_id"], []).append((d["rung"], d["action"]))
+    stopped = [t for t, e in epochs.items() if e < MAX_T]
+    for t in stopped:
+        assert acts[t][-1][1] == "stop", (t, acts[t])
+        stop = [d for d in recs if d["trial_id"] == t and d["action"] == "stop"][-1]
+        assert stop["value"] > stop["cutoff"], stop  # min mode: it missed the cutoff
+    # every trial in a rung's final top third left it
+    for rung in (1, 3):
+        at = {d["trial_id"]: d["value"] for d in recs if d["rung"] == rung and d["action"] in ("pause", "continue")}
+        top = sorted(at, key=at.get)[: len(at) // 3]
+        left = {t for t, a in acts.items() if (rung, "continue") in a or (rung, "promote") in a}
+        assert top and set(top) <= left, (rung, top, left)
+    assert [a for a in acts[best] if a[1] == "complete"], acts[best]
+
+
+def test_a_resumed_scheduler_rebuilds_its_rungs_from_the_decisions_file(tmp_path):
+    import pickle
+
+    from sweeper.asha import PromotingASHA
+
+    path = tmp_path / "d.jsonl"
+    recs = [("a", 1, 0.5, "pause"), ("b", 1, 0.2, "continue"), ("c", 1, 0.9, "pause"),
+            ("d", 1, 0.1, "pause"), ("d", 1, 0.1, "promote"), ("b", 3, 0.15, "pause")]
+    path.write_text("".join(json.dumps({"trial_id": t, "rung": r, "value": v, "action": a}) + "\n"
+                            for t, r, v, a in recs) + '{"trial_id": "torn", "ru')
+    s = PromotingASHA(time_attr="epoch", max_t=9, grace_period=1, reduction_factor=3,
+                      decisions_path=str(path), metric="loss", mode="min")
+    s2 = pickle.loads(pickle.dumps(s))  # how Tune.restore brings it back (tuner.pkl)
+    for sch in (s, s2):
+        assert sch._rungs[1] == {"a": -0.5, "b": -0.2, "c": -0.9, "d": -0.1}
+        assert sch._promoted[1] == {"b", "d"} and sch._waiting == {"a": 1, "c": 1, "b": 3}
+        assert not sch._promotable(1, "a")  # 4 trials at rung 1: only the best (d) makes the top 1
+        assert not sch._promotable(3, "b")  # 1 trial at rung 3: a top third of none
