@@ -168,7 +168,7 @@ def plan(loaded) -> dict:
         "trials": n,
         "algorithm": f"{m.search.algorithm} (seed {m.search.seed})",
         "space": {k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in m.search.space.items()},
-        "scheduler": m.scheduler.type,
+        "scheduler": m.scheduler.type + (f" ({m.scheduler.variant})" if m.scheduler.type == "asha" else ""),
         "rungs": rungs,
         "max_epochs": m.training.max_epochs,
         "concurrency": conc,

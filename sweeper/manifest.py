@@ -368,6 +368,21 @@ class Manifest(Strict):
     def gate_list(self) -> list[Gate]:
         return parse_gates(self.gates)
 
+    @model_validator(mode="after")
+    def _promotion_needs_rung_checkpoints(self) -> "Manifest":
+        s, every = self.scheduler, self.training.checkpoint_every
+        if s.type == "asha" and s.variant == "promotion" and s.time_attr == "epoch":
+            rungs, t = [], float(s.grace_period)
+            while t < s.max_t:
+                rungs.append(t)
+                t *= s.reduction_factor
+            bad = [r for r in rungs if not every or r % every]
+            if bad:
+                raise ValueError(f"scheduler.variant `promotion` pauses trials at rungs {[f'{r:g}' for r in rungs]} and "
+                                 f"resumes them from a checkpoint there, but training.checkpoint_every={every} writes "
+                                 f"none at epoch(s) {', '.join(f'{r:g}' for r in bad)}")
+        return self
+
     @field_validator("gates")
     @classmethod
     def _gates(cls, v: dict) -> dict:

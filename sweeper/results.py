@@ -141,7 +141,7 @@ def trial_rows(results, *, metric: str, mode: str, phase: str, max_t: int, gpus:
             passed = [d for d in by_trial.get(trial_id, []) if d.get("rung") is not None and d["action"] in ("continue", "promote")]
             if passed:
                 stop_reason = "ran to max_t; ASHA continued it at " + ", ".join(
-                    f"rung {d['rung']} ({d['value']:.4g} vs cutoff {_g(d.get('cutoff'))})" for d in passed)
+                    f"rung {d['rung']:g} ({d['value']:.4g} vs cutoff {_g(d.get('cutoff'))})" for d in passed)
         if best is None and status in ("completed", "stopped"):
             status, stop_reason = "failed", f"{metric} never finite"
         acct = accounting(last, gpus=gpus, cpus=cpus, workers=workers)

@@ -154,3 +154,14 @@ def test_identity_stable_and_sensitive(write_manifest):
     assert a.identity() == b.identity()
     assert manifest.load(p, ["search.seed=1"]).identity() != a.identity()
     assert manifest.load(p, ["output.root=/tmp/elsewhere"]).identity() == a.identity()
+
+
+def test_promotion_variant_needs_a_checkpoint_at_every_rung():
+    ok = ["scheduler.type=asha", "scheduler.variant=promotion", "scheduler.grace_period=1", "scheduler.reduction_factor=3",
+          "scheduler.max_t=9", "training.max_epochs=9"]
+    check(TINY_QWEN, ok + ["training.checkpoint_every=1"])
+    probs = problems_of(TINY_QWEN, ok + ["training.checkpoint_every=3"])  # nothing at rung 1
+    assert any("checkpoint_every=3" in p and "epoch(s) 1" in p for p in probs), probs
+    check(TINY_QWEN, ok + ["training.checkpoint_every=3", "scheduler.variant=stopping"])  # stops, never resumes
+    probs = problems_of(TINY_QWEN, ok + ["scheduler.variant=halving"])
+    assert any("variant" in p for p in probs), probs

@@ -100,18 +100,36 @@ class Family:
         return torch.utils.data.default_collate(rows)
 
     # shared ---------------------------------------------------------------------------------
-    def loader(self, dataset, batch_size: int, shuffle: bool, seed: int):
-        g = torch.Generator()
-        g.manual_seed(seed)
+    def loader(self, dataset, batch_size: int, shuffle: bool, seed: int, first_epoch: int = 0):
+        """Batches of ``dataset``; shuffled, each epoch's order depends on (seed, epoch) alone, so a
+        trial resumed at epoch k trains on exactly the batches an uninterrupted one would
+        (``first_epoch``: the epochs already done; the fast path's ``index_batches`` does the same)."""
         return torch.utils.data.DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
-            generator=g if shuffle else None,
+            sampler=EpochSeededSampler(len(dataset), seed, first_epoch) if shuffle else None,
             collate_fn=self.collate,
             num_workers=0,  # CPU trials share 1-2 cores; GPU benchmarks pass their own loaders
             drop_last=False,
         )
+
+
+class EpochSeededSampler(torch.utils.data.Sampler):
+    """A random order per epoch, from ``seed * 7919 + epoch`` (epochs counted from 1, as the fast
+    path counts them) instead of one generator carried across epochs: epoch e's order is the same
+    whether the run started at epoch 1 or resumed at e. Each ``iter()`` is the next epoch."""
+
+    def __init__(self, n: int, seed: int, first_epoch: int = 0):
+        self.n, self.seed, self.epoch = n, seed, first_epoch
+
+    def __iter__(self):
+        self.epoch += 1
+        g = torch.Generator()
+        g.manual_seed(self.seed * 7919 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
 
 
 _DATA_CACHE: dict[str, Splits] = {}
