@@ -60,25 +60,29 @@ def _sweep(tmp_path: Path, *, restore: bool = False):
 def test_promotions_train_the_ideal_schedule_and_nothing_twice(tmp_path):
     grid, decisions = _sweep(tmp_path)
     assert len(grid) == 9 and not grid.errors
-    epochs, configs = {}, {}
+    epochs, configs, final_start = {}, {}, {}
     for r in grid:
         df = r.metrics_dataframe
         eps = list(df["epoch"])
+        # (Tune may drop a paused trial's earlier result lines, its "lost result history"; never repeat one)
         assert eps == sorted(set(eps)), f"an epoch ran twice or out of order: {eps}"
-        assert eps[0] == 1
-        epochs[r.metrics["trial_id"]] = eps[-1]
+        epochs[r.metrics["trial_id"]] = r.metrics["epoch"]
         configs[r.metrics["trial_id"]] = r.config["x"]
+        final_start[r.metrics["trial_id"]] = r.metrics["start"]
     # ideal 21 of the full budget's 81; a trial promoted early that drops out of the top later adds some
     assert 21 <= sum(epochs.values()) <= 36, epochs
     best = min(configs, key=configs.get)
     assert epochs[best] == MAX_T, "the best configuration ran to max_t"
-    # resumed trials started from their rung's checkpoint
-    starts = {r.metrics["trial_id"]: set(r.metrics_dataframe["start"]) for r in grid}
-    assert all(s - {0} <= {1, 3} for s in starts.values()), starts
-
     recs = [json.loads(x) for x in decisions.read_text().splitlines()]
-    promoted = {d["trial_id"] for d in recs if d["action"] == "promote"}  # waited, paused, then resumed
-    assert promoted and promoted == {t for t, s in starts.items() if s - {0}}, (promoted, starts)
+    # a trial that waited at a rung and was promoted resumed from that rung's checkpoint (its last
+    # run started there); one that went straight on never restarted
+    waited = {}
+    for d in recs:
+        if d["action"] == "promote":
+            waited[d["trial_id"]] = max(waited.get(d["trial_id"], 0), d["rung"])
+    assert waited, "no trial waited and was promoted"
+    for t, start in final_start.items():
+        assert start == waited.get(t, 0), (t, start, waited.get(t, 0))
     acts = {}
     for d in recs:
         acts.setdefault(d["trial_id"], []).append((d["rung"], d["action"]))

@@ -26,8 +26,17 @@ def _trainable(config):
 
 
 def _recorded(exp_dir: Path) -> dict[str, str]:
-    """trial_id -> status in the newest experiment_state file on disk, as a restore would read it."""
-    files = sorted(exp_dir.glob("experiment_state-*.json"))
+    """trial_id -> status in the newest snapshot Tune wrote, in the driver's staging dir: written
+    whole on the driver thread, what runner.snapshot_keeper zips after the step and a restore puts
+    back (the sweep dir's copy is uploaded later, file by file, by a background thread)."""
+    import os
+
+    from sweeper import asha
+
+    staging = asha.STAGING.get(os.path.realpath(exp_dir))
+    if staging is None:
+        return {}
+    files = sorted(Path(staging).glob("experiment_state-*.json"))
     if not files:
         return {}
     state = json.loads(files[-1].read_text())
@@ -92,5 +101,12 @@ def test_plain_fifo(tmp_path, monkeypatch):
     """The control: without the forced snapshots, trials report long before any snapshot names them."""
     from ray.tune.schedulers import FIFOScheduler
 
-    problems = _run(tmp_path, FIFOScheduler(), monkeypatch)
+    from sweeper import asha
+
+    class PlainFIFO(FIFOScheduler):  # Tune's own, only telling the test where its staging dir is
+        def on_trial_add(self, tune_controller, trial):
+            asha._register_staging(tune_controller._tune_controller)
+            super().on_trial_add(tune_controller, trial)
+
+    problems = _run(tmp_path, PlainFIFO(), monkeypatch)
     assert any("reported before any snapshot named it" in p for p in problems), problems
