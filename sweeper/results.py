@@ -75,6 +75,25 @@ def _one_per_epoch(hist: list[dict]) -> list[dict]:
     return [by_epoch[k] for k in sorted(by_epoch)]
 
 
+def _history_fallback(result, metric: str) -> list[dict]:
+    """A trial's reports when Tune's ``result.json`` for it is empty: a driver killed while Tune's
+    background thread was uploading the trial's files leaves it (and ``params.json``) at 0 bytes.
+    Then ``progress.csv`` (the same reports, as CSV), else the last result Tune kept in its
+    experiment state; without this the finished trial was listed as ``pending``."""
+    try:
+        import pandas as pd
+
+        f = Path(result.path) / "progress.csv"
+        if f.is_file() and f.stat().st_size:
+            recs = pd.read_csv(f).to_dict("records")
+            if recs and all(metric in h for h in recs):
+                return recs
+    except Exception:  # noqa: BLE001 - a torn CSV: try the last result instead
+        pass
+    last = dict(result.metrics or {})
+    return [last] if _finite(last.get(metric)) else []
+
+
 RUN_TIMES = ("time_startup_s", "time_train_s", "time_eval_s", "time_ckpt_s", "time_wall_s")
 
 
@@ -112,7 +131,8 @@ def trial_rows(results, *, metric: str, mode: str, phase: str, max_t: int, gpus:
     for r in results:
         cfg = dict(r.config or {})
         df = r.metrics_dataframe
-        hist = _one_per_epoch(_runs_summed(df.to_dict("records") if df is not None and len(df) else []))
+        records = df.to_dict("records") if df is not None and len(df) else []
+        hist = _one_per_epoch(_runs_summed(records or _history_fallback(r, metric)))
         last = hist[-1] if hist else (r.metrics or {})
         trial_id = (r.metrics or {}).get("trial_id") or last.get("trial_id") or Path(r.path).name
         vals = [h.get(metric) for h in hist if _finite(h.get(metric)) and not h.get("sweeper_failed")]

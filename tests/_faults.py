@@ -100,6 +100,9 @@ def kill_ray_of(ray_tmp: Path, pgid: int, timeout: float = 20) -> int:
 
 
 def result_lines(trial_dir: Path) -> list[dict]:
+    """Tune's per-trial result lines. A driver killed while Tune's background thread uploaded the
+    trial's files can leave result.json at 0 bytes; then its twin progress.csv (same reports) is
+    read, as the product's results do (results._history_fallback)."""
     f = trial_dir / "result.json"
     out = []
     if not f.exists():
@@ -107,6 +110,15 @@ def result_lines(trial_dir: Path) -> list[dict]:
     for line in f.read_text().splitlines():
         with contextlib.suppress(json.JSONDecodeError):
             out.append(json.loads(line))
+    csv = trial_dir / "progress.csv"
+    if not out and f.stat().st_size == 0 and csv.is_file() and csv.stat().st_size:
+        import pandas as pd
+
+        try:
+            df = pd.read_csv(csv)
+        except (pd.errors.EmptyDataError, pd.errors.ParserError):  # torn as well
+            return []
+        out = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in df.to_dict("records")]
     return out
 
 

@@ -224,3 +224,33 @@ def test_a_trial_run_in_several_runs_costs_the_sum_of_its_runs():
     assert results._runs_summed(bare)[-1]["time_wall_s"] == 17.0
     # one run: unchanged
     assert results._runs_summed(run2) == run2
+
+
+def test_a_trial_whose_result_json_was_torn_is_still_listed_finished(tmp_path):
+    """A driver killed while Tune's background thread uploaded a trial's files leaves its
+    result.json at 0 bytes (seen in CI's driver-kill test): the row comes from progress.csv, else
+    from the last result Tune kept, never 'pending'."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from sweeper import results
+
+    hist = [{"epoch": e, "val_mae": 1.0 / e, "time_wall_s": 2.0 * e, "first_step_unix": 100.0} for e in (1, 2, 3)]
+    d = tmp_path / "trial_a"
+    d.mkdir()
+    (d / "result.json").write_text("")
+    pd.DataFrame(hist).to_csv(d / "progress.csv", index=False)
+
+    def grid(path):
+        return [SimpleNamespace(config={"lr": 0.1}, metrics_dataframe=None, metrics={**hist[-1], "trial_id": "a"},
+                                path=str(path), error=None, best_checkpoints=[], checkpoint=None)]
+
+    kw = dict(metric="val_mae", mode="min", phase="sweep", max_t=3, gpus=0, workers=1, decisions=[])
+    rows, mrows = results.trial_rows(grid(d), **kw)
+    assert rows[0]["status"] == "completed" and rows[0]["epochs"] == 3
+    assert abs(rows[0]["best"] - 1 / 3) < 1e-9 and rows[0]["wall_s"] == 6.0
+    assert sorted({m["epoch"] for m in mrows}) == [1, 2, 3]
+    (d / "progress.csv").write_text("")  # torn too: the last result
+    rows, _ = results.trial_rows(grid(d), **kw)
+    assert rows[0]["status"] == "completed" and abs(rows[0]["final"] - 1 / 3) < 1e-9
