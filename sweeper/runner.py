@@ -159,7 +159,7 @@ def snapshot_keeper(exp_dir: Path):
     mid-upload leaves a torn file, or a *mixed* set: trials from one step, the searcher from another
     (a trial finished in one and still running in the other, so the restored searcher never hears
     of its end, or hears of a trial it never issued). After each step that wrote a snapshot, the
-    keeper zips the staging set into ``<session>.zip`` (temp name, fsync, rename): one file, so the
+    keeper zips the staging set into ``<session>.zip`` (temp name, rename): one file, so the
     kept set is never mixed. Where the staging dir is unknown (a scheduler that did not register
     it: ``asha.STAGING``), it copies the experiment dir's files once they are all intact, as before.
     ``tuner.pkl`` (rewritten by Tune, non-atomically, on every restore) is kept the same way."""
@@ -211,8 +211,9 @@ def snapshot_keeper(exp_dir: Path):
                 with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z:
                     for n, b in sorted(data.items()):
                         z.writestr(n, b)
-                with open(tmp, "rb+") as fh:
-                    os.fsync(fh.fileno())
+                # no fsync: the threat is a killed driver, and a rename is atomic for that without
+                # one (an fsync per snapshot was most of their cost on 1 s trials); after a power
+                # loss the CRCs refuse a zip whose data did not reach the disk
                 os.replace(tmp, bdir / f"{sess}.zip")
                 self.bundle_sig = sig
                 self.keep_tuner(bdir)
