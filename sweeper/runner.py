@@ -176,35 +176,37 @@ def snapshot_keeper(exp_dir: Path):
             self.t = 0.0
 
         def on_step_end(self, iteration, trials, **info):
-            self.keep_bundle()
+            if self.keep_bundle():
+                return  # the zip is the kept set: copying the sweep dir's files as well is work done twice
             now = time.monotonic()
             if now - self.t >= 1.0:
                 self.t = now
                 self.keep()
 
         def on_experiment_end(self, trials, **info):
-            self.keep_bundle()
-            self.keep()
+            if not self.keep_bundle():
+                self.keep()
 
-        def keep_bundle(self) -> None:
+        def keep_bundle(self) -> bool:
+            """Zip the staging set if it changed; False where the staging dir is unknown."""
             import importlib
 
             staging = importlib.import_module("sweeper.asha").STAGING.get(os.path.realpath(self.exp_dir))
             if not staging:
-                return
+                return False
             try:
                 sessions = {k: v for k, v in _sessions(Path(staging)).items()
                             if any(f.name.startswith("experiment_state-") for f in v)}
                 if not sessions:
-                    return
+                    return True
                 sess = max(sessions)
                 files = sessions[sess]
                 sig = tuple(sorted((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files))
                 if sig == self.bundle_sig:
-                    return
+                    return True
                 data = {f.name: f.read_bytes() for f in files}
                 if not all(_intact_bytes(n, b) for n, b in data.items()):
-                    return
+                    return True
                 bdir = self.exp_dir / LAST_GOOD
                 bdir.mkdir(exist_ok=True)
                 tmp = bdir / f".{sess}.zip.tmp"
@@ -219,6 +221,7 @@ def snapshot_keeper(exp_dir: Path):
                 self.keep_tuner(bdir)
             except OSError as e:
                 log.debug("snapshot keeper: %s", e)
+            return True
 
         def keep_tuner(self, bdir: Path) -> None:
             tp = self.exp_dir / "tuner.pkl"
