@@ -1,14 +1,54 @@
 #!/usr/bin/env bash
-# One nvidia-h200-x2 call: 1-GPU baseline and 2-GPU DDP / ZeRO-2 / ZeRO-3 for 1.5B, then 7B. $OUT/scaling.jsonl
+# One nvidia-h200-x2 call (issue 4 items 1 and 3): $OUT/scaling.jsonl, $OUT/steps.jsonl, logs.
+#   1. 1-GPU rows, one per GPU at once: Qwen2.5-1.5B compiled (GPU 0) and eager (GPU 1), product vs plain vs
+#      plain + clip_grad_norm_, alternating rounds (benchmarks/step_bench.py); the compiled product row is the
+#      best-1-GPU figure item 3 compares with.
+#   2. 2-GPU rows, product path through Ray Train (benchmarks/scaling_bench.py): 1.5B DDP, ZeRO-2[, ZeRO-3, 7B].
+# ROWS picks the 2-GPU rows (default "ddp zero2"); T the per-row timeout (s). SMOKE=1: CPU, tiny shapes.
+# As run (with the .whl preamble of ../shared/device/README.md):
+#   ... && ROWS="ddp zero2" T=220 bash benchmarks/gpu_h200x2.sh
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 O=${OUT:-/tmp/out}; mkdir -p $O
-nvidia-smi --query-gpu=name,memory.total --format=csv >> $O/scaling.log 2>&1
-Q15=search_spaces/qwen2.5-1.5b-x2_regression_gpu.yaml; Q7=search_spaces/qwen2.5-7b_regression_gpu.yaml
-CUDA_VISIBLE_DEVICES=0 timeout 100 python3 benchmarks/step_bench.py --manifest search_spaces/qwen2.5-1.5b_regression_gpu.yaml --label q15-1gpu --modes product --out $O/scaling.jsonl 2>&1 | grep '^{' | tee -a $O/scaling.log
-s() { timeout ${T:-110} python3 benchmarks/scaling_bench.py --workers 2 --out $O/scaling.jsonl "$@" > $O/last.log 2>&1; grep -E '^\{|Error|error' $O/last.log | grep -v -i warn | tail -4 | tee -a $O/scaling.log; }
-s --manifest $Q15 --label q15-ddp --set training.strategy=ddp
-s --manifest $Q15 --label q15-zero2 --set training.deepspeed.stage=2
-s --manifest $Q15 --label q15-zero3 --set training.deepspeed.stage=3
-T=170 s --manifest $Q7 --label q7-zero3 --set training.deepspeed.stage=3
-T=150 s --manifest $Q7 --label q7-zero2 --set training.deepspeed.stage=2
+SM=(); [ -n "${SMOKE:-}" ] && SM=(--smoke --steps 2 --warmup 1)
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nvidia-smi topo -m; } >> $O/scaling.log 2>&1
+Q15=search_spaces/qwen2.5-1.5b_regression_gpu.yaml; Q15X2=search_spaces/qwen2.5-1.5b-x2_regression_gpu.yaml
+Q7=search_spaces/qwen2.5-7b_regression_gpu.yaml
+clean() { python3 -m ray.scripts.scripts stop --force > /dev/null 2>&1; pkill -9 -f RayTrainWorker > /dev/null 2>&1; sleep 2; }
+t0=$(date +%s)
+if [ -z "${NO_ONE:-}" ]; then
+  # each GPU: a timing row, then a profile of a product step (3 steps, torch.profiler table in $O/prof-*.txt)
+  { CUDA_VISIBLE_DEVICES=0 timeout -k 5 ${T1:-130} python3 benchmarks/step_bench.py --manifest $Q15 --label q15-compiled \
+      --modes product,plain,plain-clip --rounds 3 --out $O/steps.jsonl "${SM[@]}" > $O/q15-compiled.log 2>&1
+    CUDA_VISIBLE_DEVICES=0 timeout -k 5 ${T2:-90} python3 benchmarks/step_bench.py --manifest $Q15 --label q15-compiled \
+      --steps 3 --profile $O/prof-q15-compiled.txt "${SM[@]}" > $O/prof-q15-compiled.log 2>&1; } &
+  { CUDA_VISIBLE_DEVICES=1 timeout -k 5 ${T1:-130} python3 benchmarks/step_bench.py --manifest $Q15 --label q15-eager \
+      --set training.compile=false --modes product,plain,plain-clip --rounds 3 --out $O/steps.jsonl "${SM[@]}" > $O/q15-eager.log 2>&1
+    CUDA_VISIBLE_DEVICES=1 timeout -k 5 ${T2:-90} python3 benchmarks/step_bench.py --manifest $Q15 --label q15-ds2-1gpu \
+      --set training.strategy=deepspeed --steps 3 --profile $O/prof-q15-ds2-1gpu.txt "${SM[@]}" > $O/prof-q15-ds2.log 2>&1; } &
+  wait
+  grep -h '^{' $O/q15-compiled.log $O/q15-eager.log $O/prof-*.log | tee -a $O/scaling.log
+  echo "one-GPU rows done at +$(( $(date +%s) - t0 )) s" | tee -a $O/scaling.log
+fi
+s() {  # label, args...
+  local label=$1; shift
+  local a=$(date +%s)
+  timeout -k 5 ${T:-220} python3 benchmarks/scaling_bench.py --workers 2 --out $O/scaling.jsonl --label $label "${SM[@]}" "$@" > $O/$label.log 2>&1
+  echo "$label rc=$? $(( $(date +%s) - a )) s" | tee -a $O/scaling.log
+  grep -E '^\{' $O/$label.log | tail -1 | tee -a $O/scaling.log
+  grep -E 'Error|error|Traceback' $O/$label.log | grep -v -i warn | tail -3 >> $O/scaling.log
+  clean
+}
+for r in ${ROWS:-ddp zero2}; do
+  case $r in
+    ddp) s q15-ddp --manifest $Q15X2 --set training.strategy=ddp ;;
+    ddp-b200) s q15-ddp-b200 --manifest $Q15X2 --set training.strategy=ddp --set training.ddp.bucket_cap_mb=200 ;;
+    ddp-bf16) s q15-ddp-bf16 --manifest $Q15X2 --set training.strategy=ddp --set training.ddp.comm_hook=bf16 ;;
+    ddp-b200-bf16) s q15-ddp-b200-bf16 --manifest $Q15X2 --set training.strategy=ddp --set training.ddp.bucket_cap_mb=200 --set training.ddp.comm_hook=bf16 ;;
+    zero2) s q15-zero2 --manifest $Q15X2 --set training.deepspeed.stage=2 ;;
+    zero3) s q15-zero3 --manifest $Q15X2 --set training.deepspeed.stage=3 ;;
+    q7zero2) s q7-zero2 --manifest $Q7 --set training.deepspeed.stage=2 ;;
+    q7zero3) s q7-zero3 --manifest $Q7 --set training.deepspeed.stage=3 ;;
+  esac
+done
+echo "all done at +$(( $(date +%s) - t0 )) s" | tee -a $O/scaling.log

@@ -7,6 +7,15 @@ set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 O=${OUT:-/tmp/out}; mkdir -p $O/a $O/b
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $O/nvidia-smi.txt 2>&1
+# MPS=1: run under NVIDIA's Multi-Process Service, so the packed trials' kernels share the GPU at once instead of
+# time-slicing it (the Ray workers inherit the pipe directory from this shell through ray.init's local cluster)
+if [ -n "${MPS:-}" ]; then
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
+  { command -v nvidia-cuda-mps-control && nvidia-cuda-mps-control -d && echo "MPS daemon started"; } >> $O/nvidia-smi.txt 2>&1 \
+    || echo "MPS daemon did not start" >> $O/nvidia-smi.txt
+  trap 'echo quit | nvidia-cuda-mps-control; cp -r /tmp/mps-log $O/ 2>/dev/null' EXIT
+fi
 if [ "${PART:-rest}" = packed ]; then
   timeout ${T1:-330} python3 benchmarks/gpu_packing.py --out $O/a --skip whole,auto,memory 2>&1 | grep -v -i warn | grep -v logging.cc | tail -30 | tee $O/a.log
 else

@@ -43,19 +43,20 @@ def worker(cfg):
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
-    for _ in range(cfg["warmup"]):
-        st.step(batch)
+    losses = [st.step(batch) for _ in range(cfg["warmup"])]
     sync()
     torch.distributed.barrier()
     t = time.perf_counter()
     for _ in range(cfg["steps"]):
-        st.step(batch)
+        losses.append(st.step(batch))
     sync()
     dt = (time.perf_counter() - t) / cfg["steps"]
+    losses = [round(float(x), 5) for x in losses]  # the same batch each step: the curve compares numerics
     r = dict(strategy=p.strategy, stage=st.stage, compile=bool(st.compiled), world=p.world, bs=p.hp.batch_size,
              step_ms=round(dt * 1e3, 1), units_per_s_per_gpu=round(units / dt, 1), units_per_s=round(units * p.world / dt, 1),
              mfu=round((p.flops_unit or 0) * units / dt / speed.PEAK_BF16, 4) if dev.type == "cuda" else None,
-             peak_mem_gb=round(torch.cuda.max_memory_allocated(dev) / 1e9, 2) if dev.type == "cuda" else None)
+             peak_mem_gb=round(torch.cuda.max_memory_allocated(dev) / 1e9, 2) if dev.type == "cuda" else None,
+             losses=losses)
     if p.rank == 0:
         with open(cfg["result"], "w") as fh:
             json.dump(r, fh)

@@ -8,6 +8,9 @@ product: ``trainables.speed.prepare`` (the code a trial runs) builds model, opti
 loader:  the same step fed by the product's data path (background collate, pinned, side-stream copy).
 plain:   the same family model, a plain loop (bf16 autocast, fused AdamW, loss.backward), like
          ../shared/device/speed_probe_example.py.
+plain-clip: the plain loop plus ``clip_grad_norm_`` (the product clips at ``training.grad_clip``).
+product, plain and plain-clip are built side by side and timed in alternating rounds (``--rounds``,
+median kept), so a drift in the machine's speed hits them alike.
 Prints one JSON line per mode: tokens/s (images/s), MFU = flops_per_unit · units/s ÷ 989e12, peak memory.
 ``--smoke``: tiny shapes on the CPU (what CI can run).
 """
@@ -48,13 +51,42 @@ def _time(fn, dev, warmup, steps):
     return (time.perf_counter() - t) / steps
 
 
+def _profile(fn, dev, warmup, steps, path, info):
+    """What a product step spends its time on: the profiler's top operators by device time (CPU time on a
+    CPU), plus the GPU-busy share of the wall time (idle gaps = host stalls)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        fn()
+    _sync(dev)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    t = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            fn()
+        _sync(dev)
+    wall = time.perf_counter() - t
+    key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    avgs = prof.key_averages()
+    busy = sum(getattr(e, key) for e in avgs) / 1e6 if dev.type == "cuda" else None
+    table = avgs.table(sort_by=key, row_limit=30, max_name_column_width=70)
+    head = dict(info, mode="profile", steps=steps, wall_s=round(wall, 4), device_busy_s=round(busy, 4) if busy else None)
+    with open(path, "w") as fh:
+        fh.write(json.dumps(head) + "\n" + table)
+    print(json.dumps(head), flush=True)
+    return [head]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--manifest", required=True)
     ap.add_argument("--set", action="append", default=[], help="manifest override key=value")
-    ap.add_argument("--modes", default="product,loader,plain")
+    ap.add_argument("--modes", default="product,loader,plain", help="of product, loader, plain, plain-clip")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating timing rounds per mode (median kept)")
+    ap.add_argument("--profile", default=None, help="write a torch.profiler table of the product step here (no timing rows)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--label", default="")
     ap.add_argument("--out", default=None, help="append JSON lines here")
@@ -91,16 +123,60 @@ def main(argv=None):
         r = dict(info, mode=mode, step_ms=round(dt * 1e3, 2), units_per_s=round(units_per_batch / dt, 1),
                  unit="tokens" if speed.batch_units(first)[0] != units_per_batch else "images",
                  mfu=round(flops * units_per_batch / dt / speed.PEAK_BF16, 4) if dev.type == "cuda" else None,
-                 peak_mem_gb=round(torch.cuda.max_memory_allocated(dev) / 1e9, 2) if dev.type == "cuda" else None,
-                 **(extra or {}))
+                 peak_mem_gb=round(torch.cuda.max_memory_allocated(dev) / 1e9, 2) if dev.type == "cuda" else None)
+        r.update(extra or {})
         print(json.dumps(r), flush=True)
         rows.append(r)
         if a.out:
             with open(a.out, "a") as fh:
                 fh.write(json.dumps(r) + "\n")
 
+    if a.profile:
+        return _profile(lambda: st.step(first), dev, a.warmup, a.steps, a.profile, info)
+    peak_product = None
     if "product" in modes:
-        emit("product", _time(lambda: st.step(first), dev, a.warmup, a.steps))
+        _time(lambda: st.step(first), dev, a.warmup, 1)  # compiles; the product's own peak memory, alone
+        peak_product = round(torch.cuda.max_memory_allocated(dev) / 1e9, 2) if dev.type == "cuda" else None
+    plain_step = None
+    if "plain" in modes or "plain-clip" in modes:
+        # the same family model, fresh, in a plain loop (no Stepper, no schedule; clipping only in plain-clip),
+        # built beside the product's so both are timed in alternating rounds (drift hits both alike)
+        from trainables.base import cached_splits
+
+        splits = cached_splits(fam, m["data"], m["model"])
+        with (torch.device(dev) if dev.type == "cuda" else torch.device("cpu")):
+            model = fam.build_model(m["model"], splits, hp)
+        if st.compiled:
+            speed.compile_blocks(model)
+        model.to(dev)
+        opt = torch.optim.AdamW(model.parameters(), lr=hp.lr, fused=dev.type == "cuda" or None)
+        bf16 = resolve_precision(m["training"]["precision"], dev.type == "cuda", fam.info) == "bf16-mixed"
+        clip = float(p.stepper.grad_clip or 1.0)
+
+        def plain_step(clip_too=False):
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = fam.loss(model, first, hp)
+            loss.backward()
+            if clip_too:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=dev.type == "cuda" or None)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    fns = {"product": lambda: st.step(first), "plain": plain_step, "plain-clip": lambda: plain_step(True)}
+    timed = [k for k in ("product", "plain", "plain-clip") if k in modes]
+    for k in timed:  # warm-up (compiles) once per mode
+        if k != "product":
+            _time(fns[k], dev, a.warmup, 1)
+    samples: dict = {k: [] for k in timed}
+    for _ in range(a.rounds):
+        for k in timed:
+            samples[k].append(_time(fns[k], dev, 1, a.steps))
+    for k in timed:
+        v = sorted(samples[k])
+        # peak memory: the product's alone (measured before the plain model existed); the plain modes' would
+        # count both models, so it is left out
+        emit(k, v[len(v) // 2], {"rounds_ms": [round(x * 1e3, 2) for x in samples[k]],
+                                 "peak_mem_gb": peak_product if k == "product" else None})
     if "loader" in modes:
         def run_loader():
             n = 0
@@ -116,38 +192,11 @@ def main(argv=None):
             _sync(dev)
             return (time.perf_counter() - t) / (n - a.warmup)
         emit("loader", run_loader())
-    if "plain" in modes:
-        # the same family model, fresh, in a plain loop (no Stepper, no schedule, no clipping)
-        compiled = st.compiled
-        del p, st
-        import gc
-
-        gc.collect()
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(dev)
-        from trainables.base import cached_splits
-
-        splits = cached_splits(fam, m["data"], m["model"])
-        with (torch.device(dev) if dev.type == "cuda" else torch.device("cpu")):
-            model = fam.build_model(m["model"], splits, hp)
-        if compiled:
-            speed.compile_blocks(model)
-        model.to(dev)
-        opt = torch.optim.AdamW(model.parameters(), lr=hp.lr, fused=dev.type == "cuda" or None)
-        bf16 = resolve_precision(m["training"]["precision"], dev.type == "cuda", fam.info) == "bf16-mixed"
-
-        def plain_step():
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = fam.loss(model, first, hp)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        emit("plain", _time(plain_step, dev, a.warmup, a.steps))
     by = {r["mode"]: r for r in rows}
     if "product" in by and "plain" in by:
         print(json.dumps({"label": a.label, "product_over_plain": round(by["product"]["units_per_s"] / by["plain"]["units_per_s"], 4),
+                          **({"product_over_plain_clip": round(by["product"]["units_per_s"] / by["plain-clip"]["units_per_s"], 4)}
+                             if "plain-clip" in by else {}),
                           **({"loader_over_product": round(by["loader"]["units_per_s"] / by["product"]["units_per_s"], 4)}
                              if "loader" in by else {})}), flush=True)
     return rows

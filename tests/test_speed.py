@@ -64,3 +64,75 @@ def test_two_worker_deepspeed_trial(ray_session, write_manifest, tiny_qwen):
     verify_checkpoint(ck)
     shards = sorted(p.name for p in (ck / "deepspeed" / "state").glob("*optim_states.pt"))
     assert len(shards) == 2, shards
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e3])  # clipping active on every step / never active
+def test_fused_clip_matches_clip_grad_norm(max_norm):
+    """Stepper.clip (the clip factor applied inside the fused AdamW kernel) trains exactly as
+    clip_grad_norm_ followed by the same optimizer."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    from trainables.speed import Stepper
+
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 1))
+    ours = copy.deepcopy(ref)
+    x, y = torch.randn(64, 16), torch.randn(64, 1)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2, fused=True)
+    st = Stepper.__new__(Stepper)  # only what clip() reads: a fused optimizer over the params
+    st.params, st.grad_clip, st.fused_opt, st.device = list(ours.parameters()), max_norm, True, torch.device("cpu")
+    st.opt = torch.optim.AdamW(ours.parameters(), lr=1e-2, fused=True)
+    clipped = 0
+    for _ in range(5):
+        for model, opt in ((ref, opt_ref), (ours, st.opt)):
+            nn.functional.mse_loss(model(x), y).backward()
+            if model is ref:
+                norm = nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
+                clipped += bool(norm > max_norm)
+            else:
+                st.clip()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        for a, b in zip(ref.parameters(), ours.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert clipped == (5 if max_norm < 1 else 0)
+
+
+def test_ddp_settings_reach_the_wrapper(tmp_path):
+    """training.ddp: the manifest's bucket size reaches DistributedDataParallel (here a one-process gloo
+    group standing in for the workers), and a bad hook name is refused by the schema, naming the field."""
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+
+    from sweeper import manifest as mf
+    from sweeper.errors import UserError
+    from trainables.speed import Stepper
+
+    m = resolved(TINY_QWEN, ["training.strategy=ddp", "training.ddp.bucket_cap_mb=7"])
+    assert m["training"]["ddp"] == {"bucket_cap_mb": 7, "comm_hook": "none"}
+    assert resolved(TINY_QWEN, [])["training"]["ddp"]["bucket_cap_mb"] == 200
+    with pytest.raises(UserError, match="comm_hook"):
+        resolved(TINY_QWEN, ["training.ddp.comm_hook=fp8"])
+
+    class Fam:
+        @staticmethod
+        def loss(model, batch, hp):
+            return model(batch).pow(2).mean()
+
+    class HP:
+        lr, weight_decay, warmup_ratio, batch_size = 1e-3, 0.0, 0.0, 4
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        st = Stepper(Fam, nn.Linear(8, 1), HP, strategy="ddp", device=torch.device("cpu"), precision="32-true",
+                     grad_clip=1.0, total_steps=4, world=2, ddp=m["training"]["ddp"])
+        assert isinstance(st.fwd, nn.parallel.DistributedDataParallel)
+        assert st.fwd.bucket_bytes_cap == 7 * 1024 * 1024
+        st.step(torch.randn(4, 8))
+    finally:
+        dist.destroy_process_group()

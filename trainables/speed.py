@@ -331,7 +331,7 @@ class Stepper:
 
     def __init__(self, family, model: nn.Module, hp, *, strategy: str, device: torch.device, precision: str,
                  grad_clip: float, total_steps: int, step_offset: int = 0, compile_: bool = False,
-                 ds: dict | None = None, world: int = 1):
+                 ds: dict | None = None, world: int = 1, ddp: dict | None = None):
         from .base import cosine_with_warmup
 
         self.family, self.model, self.hp, self.strategy, self.device = family, model, hp, strategy, device
@@ -349,8 +349,9 @@ class Stepper:
         self.engine = None
         self.loss_mod = LossModule(family, model, hp, torch.bfloat16 if (strategy == "deepspeed" and self.bf16) else None)
         offload_opt = strategy == "deepspeed" and self.ds.get("offload_optimizer")
+        self.fused_opt = bool(on_cuda and not offload_opt)
         self.opt = torch.optim.AdamW(param_groups(model, hp.weight_decay), lr=hp.lr, betas=(0.9, 0.95),
-                                     fused=(on_cuda and not offload_opt) or None)
+                                     fused=self.fused_opt or None)
         sched_fn = cosine_with_warmup(max(1, total_steps), hp.warmup_ratio)
         self.step_offset = step_offset
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: sched_fn(s + step_offset))
@@ -363,15 +364,41 @@ class Stepper:
             self.fwd = self.engine
         elif strategy == "ddp" and world > 1:
             self.loss_mod.to(device)
+            ddp = ddp or {}
             self.fwd = nn.parallel.DistributedDataParallel(
                 self.loss_mod, device_ids=[device.index] if on_cuda else None,
-                gradient_as_bucket_view=True, static_graph=True)
+                gradient_as_bucket_view=True, static_graph=True, bucket_cap_mb=int(ddp.get("bucket_cap_mb", 200)))
+            if ddp.get("comm_hook", "none") == "bf16" and not on_cuda:
+                log.warning("training.ddp.comm_hook bf16 needs NCCL (GPU workers): gradients go uncompressed")
+            elif ddp.get("comm_hook", "none") == "bf16":
+                from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+                self.fwd.register_comm_hook(None, default_hooks.bf16_compress_hook)
         else:
             self.loss_mod.to(device)
             self.fwd = self.loss_mod
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if (self.bf16 and self.engine is None)
                          else contextlib.nullcontext())
+
+    def clip(self) -> None:
+        """Gradient clipping by global norm, as ``clip_grad_norm_`` (same coefficient, same result).
+
+        With the fused AdamW the scaling is done inside the optimizer kernel: the clip factor goes in
+        as the optimizer's ``grad_scale`` (the divisor ``GradScaler`` uses for unscaling, applied
+        per element as the kernel reads each gradient), so only the norm costs a pass over the
+        gradients. The separate ``grads *= coef`` pass read and wrote every gradient once more:
+        about 7 ms of a 157 ms Qwen2.5-1.5B step on an H100 (the 4.3 % product/plain gap of
+        2026-11-22). Without a fused optimizer: ``clip_grad_norm_`` itself."""
+        if not self.fused_opt:
+            nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=self.device.type == "cuda")
+            return
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return
+        norm = nn.utils.get_total_norm(grads, foreach=True)
+        # clip_grad_norm_: grads *= min(1, max_norm / (norm + 1e-6)); here: grads /= max(1, (norm + 1e-6) / max_norm)
+        self.opt.grad_scale = torch.clamp((norm.float() + 1e-6) / self.grad_clip, min=1.0)
 
     def ds_config(self, micro_batch: int) -> dict:
         zero: dict[str, Any] = {"stage": self.stage, "overlap_comm": True, "contiguous_gradients": True,
@@ -406,7 +433,7 @@ class Stepper:
                 loss = self.fwd(batch)
             loss.backward()
             if self.grad_clip:
-                nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=self.device.type == "cuda")
+                self.clip()
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
         self.sched.step()
@@ -574,7 +601,7 @@ def prepare(config: dict, spec, reporter=None, *, use_ray_train: bool = False) -
     clip = (hp.grad_clip if hp.grad_clip is not None else training["grad_clip"]) or 0.0
     stepper = Stepper(family, model, hp, strategy=strategy, device=device, precision=precision, grad_clip=clip,
                       total_steps=steps_per_epoch * max_epochs, step_offset=steps_per_epoch * start_epoch,
-                      compile_=compile_, ds=ds, world=world)
+                      compile_=compile_, ds=ds, world=world, ddp=m["training"].get("ddp"))
     if resumed and strategy == "deepspeed":
         if not stepper.load_engine(resumed):  # a checkpoint from another strategy: weights only
             stepper.inner.load_state_dict({k: v for k, v in ckpt_mod.load_checkpoint(resumed).model_state.items()},
