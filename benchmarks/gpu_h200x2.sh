@@ -4,7 +4,9 @@
 #      plain + clip_grad_norm_, alternating rounds (benchmarks/step_bench.py); the compiled product row is the
 #      best-1-GPU figure item 3 compares with.
 #   2. 2-GPU rows, product path through Ray Train (benchmarks/scaling_bench.py): 1.5B DDP, ZeRO-2[, ZeRO-3, 7B].
-# ROWS picks the 2-GPU rows (default "ddp zero2"); T the per-row timeout (s). SMOKE=1: CPU, tiny shapes.
+# ROWS picks the 2-GPU rows (default "ddp zero2"; ddp = PyTorch's 25 MB buckets, ddp-bN = N MB buckets,
+# ddp-b200-bf16, zero2, zero3, q7zero2, q7zero3); T the per-row timeout (s). NO_ONE=1 skips the 1-GPU rows.
+# SMOKE=1: CPU, tiny shapes (do not run it beside other Ray work here: each row ends with `ray stop --force`).
 # As run (with the .whl preamble of ../shared/device/README.md):
 #   ... && ROWS="ddp zero2" T=220 bash benchmarks/gpu_h200x2.sh
 set -u
@@ -41,10 +43,10 @@ s() {  # label, args...
 }
 for r in ${ROWS:-ddp zero2}; do
   case $r in
-    ddp) s q15-ddp --manifest $Q15X2 --set training.strategy=ddp ;;
-    ddp-b200) s q15-ddp-b200 --manifest $Q15X2 --set training.strategy=ddp --set training.ddp.bucket_cap_mb=200 ;;
+    ddp) s q15-ddp --manifest $Q15X2 --set training.strategy=ddp --set training.ddp.bucket_cap_mb=25 ;;
     ddp-bf16) s q15-ddp-bf16 --manifest $Q15X2 --set training.strategy=ddp --set training.ddp.comm_hook=bf16 ;;
     ddp-b200-bf16) s q15-ddp-b200-bf16 --manifest $Q15X2 --set training.strategy=ddp --set training.ddp.bucket_cap_mb=200 --set training.ddp.comm_hook=bf16 ;;
+    ddp-b[0-9]*) s q15-$r --manifest $Q15X2 --set training.strategy=ddp --set training.ddp.bucket_cap_mb=${r#ddp-b} ;;
     zero2) s q15-zero2 --manifest $Q15X2 --set training.deepspeed.stage=2 ;;
     zero3) s q15-zero3 --manifest $Q15X2 --set training.deepspeed.stage=3 ;;
     q7zero2) s q7-zero2 --manifest $Q7 --set training.deepspeed.stage=2 ;;

@@ -213,7 +213,7 @@ class DDPSpec(Strict):
     bucket_cap_mb: int = Field(200, ge=1, le=4096)
     """Gradient bucket size for the all-reduce. 200 (PyTorch's default is 25): Qwen2.5-1.5B on 2×H200 ran
     100.3k tokens/s at 200 against 92.3k at 25 in the same call, and 11 GB less peak memory
-    (benchmarks/results/gpu_2026-11-26_h200x2.md)."""
+    (benchmarks/results/gpu_2026-11-26.md; 500 and 1000 MB ran within noise of 200)."""
     comm_hook: Literal["none", "bf16"] = "none"
     """``bf16``: gradients are all-reduced in bf16 (half the traffic; the average is rounded to bf16,
     so the numerics change slightly: benchmarks/results show the loss curve against ``none``)."""
