@@ -53,7 +53,8 @@ def _time(fn, dev, warmup, steps):
 
 def _profile(fn, dev, warmup, steps, path, info):
     """What a product step spends its time on: the profiler's top operators by device time (CPU time on a
-    CPU), plus the GPU-busy share of the wall time (idle gaps = host stalls)."""
+    CPU). The table's last line ("Self CUDA time total") against ``wall_s`` gives the GPU-busy share (idle
+    gaps = host stalls)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -68,10 +69,8 @@ def _profile(fn, dev, warmup, steps, path, info):
         _sync(dev)
     wall = time.perf_counter() - t
     key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-    avgs = prof.key_averages()
-    busy = sum(getattr(e, key) for e in avgs) / 1e6 if dev.type == "cuda" else None
-    table = avgs.table(sort_by=key, row_limit=30, max_name_column_width=70)
-    head = dict(info, mode="profile", steps=steps, wall_s=round(wall, 4), device_busy_s=round(busy, 4) if busy else None)
+    table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
+    head = dict(info, mode="profile", steps=steps, wall_s=round(wall, 4))
     with open(path, "w") as fh:
         fh.write(json.dumps(head) + "\n" + table)
     print(json.dumps(head), flush=True)
