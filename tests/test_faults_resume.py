@@ -154,12 +154,20 @@ def test_driver_sigkill_at_25_50_75_percent_then_resume(tmp_path):
     for r in mt:
         per_trial.setdefault(r["trial_id"], []).append(r["epoch"])
 
-    resumed_mid_trial, history_restarted = 0, 0
+    resumed_mid_trial, history_restarted, history_lost = 0, 0, set()
     for snap in snapshots:
         for name, (lines_before, ckpts_before) in snap.items():
             if name in {t.name for t in orphans}:
                 continue  # dropped on restore, checked above
             after = result_lines(phase / "tune" / name)
+            if not after:
+                # Tune restarted this trial's result.json on a restore and a later kill came before any
+                # line of the restarted file reached the sweep dir: its raw history is gone (docs/
+                # reliability.md, "Lost result history"). The tables must still hold it, finished once.
+                tid = name.rsplit("_", 1)[1]
+                assert per_trial.get(tid) and per_trial[tid][-1] == EPOCHS, (name, per_trial.get(tid))
+                history_lost.add(name)
+                continue
             kept = after[: len(lines_before)] == lines_before
             if not kept:
                 # Tune restarts result.json of a trial its experiment state held no result for
@@ -187,7 +195,7 @@ def test_driver_sigkill_at_25_50_75_percent_then_resume(tmp_path):
                 else:  # history restarted, possibly again at a later kill: it went on from here or later
                     assert new[0]["epoch"] >= want, (name, ckpts_before, [r["epoch"] for r in after])
                 resumed_mid_trial += 1
-    for name in (t.name for t in trial_dirs(phase) if t not in orphans):
+    for name in (t.name for t in trial_dirs(phase) if t not in orphans and t.name not in history_lost):
         lines = result_lines(phase / "tune" / name)
         epochs = [r["epoch"] for r in lines]
         # Tune's raw result.json: epochs in order, none trained twice. The one allowed repeat is
@@ -205,4 +213,4 @@ def test_driver_sigkill_at_25_50_75_percent_then_resume(tmp_path):
     meta = json.loads((sweep_dir / "run_metadata.json").read_text())
     assert [r["resumed"] for r in meta["runs"]] == [False, True, True, True]
     print(f"\nruns: {runs}\nleftover Ray processes 2 s after each driver SIGKILL: {leftovers}\n"
-          f"trials resumed mid-way from a checkpoint: {resumed_mid_trial}; orphan trial dirs (unrecorded, dropped): {len(orphans)}; result.json restarted by Tune: {history_restarted}\ntotal {time.monotonic() - t_all:.0f}s")
+          f"trials resumed mid-way from a checkpoint: {resumed_mid_trial}; orphan trial dirs (unrecorded, dropped): {len(orphans)}; result.json restarted by Tune: {history_restarted}; emptied: {len(history_lost)}\ntotal {time.monotonic() - t_all:.0f}s")
