@@ -549,16 +549,6 @@ def _quiet_worker() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _to_device(batch, dev):
-    if hasattr(batch, "to"):
-        return batch.to(dev, non_blocking=True)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(b, dev) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, dev) for k, v in batch.items()}
-    return batch
-
-
 def evaluate(manifest: dict, config: dict, weights: str, split: str = "test", role: str = "report") -> dict:
     """Evaluate saved weights on one split, with the split's role checked (the test split only
     serves the final report of a promoted model). Metric names take the split's prefix."""
@@ -566,6 +556,7 @@ def evaluate(manifest: dict, config: dict, weights: str, split: str = "test", ro
 
     from trainables import registry
     from trainables.base import cached_splits, seed_everything
+    from trainables.speed import _to_device
 
     from . import checkpoint as ckpt_mod
 

@@ -116,6 +116,8 @@ def _to_device(batch, device, non_blocking=True):
         return batch.to(device, non_blocking=non_blocking)
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to_device(b, device, non_blocking) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device, non_blocking) for k, v in batch.items()}
     return batch
 
 
@@ -364,16 +366,19 @@ class Stepper:
             self.fwd = self.engine
         elif strategy == "ddp" and world > 1:
             self.loss_mod.to(device)
-            ddp = ddp or {}
+            from sweeper.manifest import DDPSpec
+
+            ddp = DDPSpec(**(ddp or {}))  # the manifest's defaults for a caller that passes none
             self.fwd = nn.parallel.DistributedDataParallel(
                 self.loss_mod, device_ids=[device.index] if on_cuda else None,
-                gradient_as_bucket_view=True, static_graph=True, bucket_cap_mb=int(ddp.get("bucket_cap_mb", 200)))
-            if ddp.get("comm_hook", "none") == "bf16" and not on_cuda:
-                log.warning("training.ddp.comm_hook bf16 needs NCCL (GPU workers): gradients go uncompressed")
-            elif ddp.get("comm_hook", "none") == "bf16":
-                from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+                gradient_as_bucket_view=True, static_graph=True, bucket_cap_mb=ddp.bucket_cap_mb)
+            if ddp.comm_hook == "bf16":
+                if on_cuda:
+                    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-                self.fwd.register_comm_hook(None, default_hooks.bf16_compress_hook)
+                    self.fwd.register_comm_hook(None, default_hooks.bf16_compress_hook)
+                else:
+                    log.warning("training.ddp.comm_hook bf16 needs NCCL (GPU workers): gradients go uncompressed")
         else:
             self.loss_mod.to(device)
             self.fwd = self.loss_mod
