@@ -4,13 +4,16 @@
 #      plain + clip_grad_norm_, alternating rounds (benchmarks/step_bench.py); the compiled product row is the
 #      best-1-GPU figure item 3 compares with.
 #   2. 2-GPU rows, product path through Ray Train (benchmarks/scaling_bench.py): 1.5B DDP, ZeRO-2[, ZeRO-3, 7B].
-# ROWS picks the 2-GPU rows (default "ddp zero2"; ddp = PyTorch's 25 MB buckets, ddp-bN = N MB buckets,
-# ddp-b200-bf16, zero2, zero3, q7zero2, q7zero3); T the per-row timeout (s). NO_ONE=1 skips the 1-GPU rows.
+# ROWS picks the 2-GPU rows (default "ddp zero2"; ddp = PyTorch's DDP with its 25 MB buckets, ddp-bN = N MB buckets,
+# ddp-b200-bf16, ddp-blocks (training.ddp.impl: blocks), zero2, zero3, q7zero2, q7zero3; a suffix -ncN on a ddp row sets NCCL_MAX_NCHANNELS=N for it);
+# T the per-row timeout (s). NO_ONE=1 skips the 1-GPU rows; ONE=compiled runs only the compiled 1-GPU timing
+# (product and plain), on both GPUs at once, without the profiles (the best-1-GPU figure, measured on the same
+# machine as the 2-GPU rows that follow it).
 # SMOKE=1: CPU, tiny shapes (do not run it beside other Ray work here: each row ends with `ray stop --force`).
 # As run (with the .whl preamble of ../shared/device/README.md):
 #   ... && ROWS="ddp zero2" T=220 bash benchmarks/gpu_h200x2.sh
 set -u
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 O=${OUT:-/tmp/out}; mkdir -p $O
 SM=(); [ -n "${SMOKE:-}" ] && SM=(--smoke --steps 2 --warmup 1)
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nvidia-smi topo -m; } >> $O/scaling.log 2>&1
@@ -18,7 +21,15 @@ Q15=search_spaces/qwen2.5-1.5b_regression_gpu.yaml; Q15X2=search_spaces/qwen2.5-
 Q7=search_spaces/qwen2.5-7b_regression_gpu.yaml
 clean() { python3 -m ray.scripts.scripts stop --force > /dev/null 2>&1; pkill -9 -f RayTrainWorker > /dev/null 2>&1; sleep 2; }
 t0=$(date +%s)
-if [ -z "${NO_ONE:-}" ]; then
+if [ "${ONE:-}" = compiled ]; then
+  for g in 0 1; do
+    CUDA_VISIBLE_DEVICES=$g timeout -k 5 ${T1:-130} python3 benchmarks/step_bench.py --manifest $Q15 --label q15-compiled-gpu$g \
+      --modes product,plain --rounds 3 --out $O/steps.jsonl "${SM[@]}" > $O/q15-compiled-gpu$g.log 2>&1 &
+  done
+  wait
+  grep -h '^{' $O/q15-compiled-gpu*.log | tee -a $O/scaling.log
+  echo "one-GPU rows done at +$(( $(date +%s) - t0 )) s" | tee -a $O/scaling.log
+elif [ -z "${NO_ONE:-}" ]; then
   # each GPU: a timing row, then a profile of a product step (3 steps, torch.profiler table in $O/prof-*.txt)
   { CUDA_VISIBLE_DEVICES=0 timeout -k 5 ${T1:-130} python3 benchmarks/step_bench.py --manifest $Q15 --label q15-compiled \
       --modes product,plain,plain-clip --rounds 3 --out $O/steps.jsonl "${SM[@]}" > $O/q15-compiled.log 2>&1
@@ -35,22 +46,27 @@ fi
 s() {  # label, args...
   local label=$1; shift
   local a=$(date +%s)
-  timeout -k 5 ${T:-220} python3 benchmarks/scaling_bench.py --workers 2 --out $O/scaling.jsonl --label $label "${SM[@]}" "$@" > $O/$label.log 2>&1
+  local pr=(); [ -n "${PROF:-}" ] && pr=(--profile $O/prof-$label)  # PROF=1: a torch.profiler table and trace per row
+  timeout -k 5 ${T:-220} python3 benchmarks/scaling_bench.py --workers 2 --out $O/scaling.jsonl --label $label "${SM[@]}" "${pr[@]}" "$@" > $O/$label.log 2>&1
   echo "$label rc=$? $(( $(date +%s) - a )) s" | tee -a $O/scaling.log
   grep -E '^\{' $O/$label.log | tail -1 | tee -a $O/scaling.log
   grep -E 'Error|error|Traceback' $O/$label.log | grep -v -i warn | tail -3 >> $O/scaling.log
   clean
 }
-for r in ${ROWS:-ddp zero2}; do
+for r0 in ${ROWS:-ddp zero2}; do
+  r=${r0%-nc*}; sfx=${r0#$r}; unset NCCL_MAX_NCHANNELS
+  [ -n "$sfx" ] && export NCCL_MAX_NCHANNELS=${sfx#-nc}
   case $r in
-    ddp) s q15-ddp --manifest $Q15X2 --set training.strategy=ddp --set training.ddp.bucket_cap_mb=25 ;;
-    ddp-bf16) s q15-ddp-bf16 --manifest $Q15X2 --set training.strategy=ddp --set training.ddp.comm_hook=bf16 ;;
-    ddp-b200-bf16) s q15-ddp-b200-bf16 --manifest $Q15X2 --set training.strategy=ddp --set training.ddp.bucket_cap_mb=200 --set training.ddp.comm_hook=bf16 ;;
-    ddp-b[0-9]*) s q15-$r --manifest $Q15X2 --set training.strategy=ddp --set training.ddp.bucket_cap_mb=${r#ddp-b} ;;
+    ddp) s q15-ddp$sfx --manifest $Q15X2 --set training.strategy=ddp --set training.ddp.impl=torch --set training.ddp.bucket_cap_mb=25 ;;
+    ddp-blocks) s q15-ddp-blocks$sfx --manifest $Q15X2 --set training.strategy=ddp --set training.ddp.impl=blocks ;;
+    ddp-bf16) s q15-ddp-bf16$sfx --manifest $Q15X2 --set training.strategy=ddp --set training.ddp.impl=torch --set training.ddp.comm_hook=bf16 ;;
+    ddp-b200-bf16) s q15-ddp-b200-bf16$sfx --manifest $Q15X2 --set training.strategy=ddp --set training.ddp.impl=torch --set training.ddp.bucket_cap_mb=200 --set training.ddp.comm_hook=bf16 ;;
+    ddp-b[0-9]*) s q15-$r$sfx --manifest $Q15X2 --set training.strategy=ddp --set training.ddp.impl=torch --set training.ddp.bucket_cap_mb=${r#ddp-b} ;;
     zero2) s q15-zero2 --manifest $Q15X2 --set training.deepspeed.stage=2 ;;
     zero3) s q15-zero3 --manifest $Q15X2 --set training.deepspeed.stage=3 ;;
-    q7zero2) s q7-zero2 --manifest $Q7 --set training.deepspeed.stage=2 ;;
-    q7zero3) s q7-zero3 --manifest $Q7 --set training.deepspeed.stage=3 ;;
+    q7zero2) s q7-zero2 --manifest $Q7 --set training.deepspeed.stage=2 --set search.space.batch_size=4 ;;
+    q7zero2-bs[0-9]*) s q7-zero2-bs${r#q7zero2-bs} --manifest $Q7 --set training.deepspeed.stage=2 --set search.space.batch_size=${r#q7zero2-bs} ;;
+    q7zero3) s q7-zero3 --manifest $Q7 --set training.deepspeed.stage=3 --set search.space.batch_size=4 ;;
   esac
 done
 echo "all done at +$(( $(date +%s) - t0 )) s" | tee -a $O/scaling.log

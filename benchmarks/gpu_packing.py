@@ -7,7 +7,7 @@ Through the product's runner (manifest -> runner.run_sweep), a small Qwen regres
   1. packed: N trials (default 16) at 0.25 GPU each (4 per GPU):
        overhead = (GPU-slots x wall - sum of training-step seconds) / sum of training-step seconds
        (GPU-slots = GPUs / fraction: the trial slots the sweep held), median start-up (the trial
-       scheduled -> its first training step; scheduled = first seen PENDING by a Tune callback),
+       scheduled -> its first training step; scheduled = the searcher issued its configuration),
        trials/hour
   2. the same N trials at 1 GPU each: trials/hour (4 per GPU vs 1 per GPU)
   3. what ``resources.gpus: auto`` picks for this model (the one-step memory probe)
@@ -91,13 +91,29 @@ def run(m: dict, tag: str, scheduled) -> dict:
         k["callbacks"] = list(k.get("callbacks") or []) + [scheduled]
         orig(self, *a, **k)
 
+    # scheduled = when the searcher issued the trial's configuration (Tune creates the trial from it at
+    # once); the callback alone first sees a trial only when its step loop runs, after a reused actor
+    # may already have started it (the 2026-11-26 figure of 0.01 s was that artefact)
+    from ray.tune.search.optuna import OptunaSearch
+
+    orig_suggest = OptunaSearch.suggest
+
+    def timed_suggest(self, trial_id):
+        out = orig_suggest(self, trial_id)
+        if isinstance(out, dict):
+            now = time.time()
+            scheduled.seen[trial_id] = min(scheduled.seen.get(trial_id, now), now)
+        return out
+
     tune.RunConfig.__init__ = with_cb
+    OptunaSearch.suggest = timed_suggest
     try:
         t = time.perf_counter()
         sweep_dir, rows = runner.run_sweep(loaded, quiet=True, dashboard=False)
         wall = time.perf_counter() - t
     finally:
         tune.RunConfig.__init__ = orig
+        OptunaSearch.suggest = orig_suggest
     from sweeper import results
 
     mrows = results.read_rows(sweep_dir / "sweep" / results.METRICS)

@@ -13,6 +13,7 @@ Prints one JSON line: tokens/s per GPU and in all, MFU per GPU, peak memory (ran
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -51,6 +52,26 @@ def worker(cfg):
         losses.append(st.step(batch))
     sync()
     dt = (time.perf_counter() - t) / cfg["steps"]
+    if cfg.get("profile"):  # 3 more steps under torch.profiler on rank 0 (every rank steps: collectives)
+        import gzip
+        import shutil
+
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with (profile(activities=acts) if p.rank == 0 else contextlib.nullcontext()) as prof:
+            for _ in range(3):
+                st.step(batch)
+            sync()
+        if p.rank == 0:
+            key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+            Path(cfg["profile"] + ".txt").write_text(
+                prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70))
+            raw = cfg["profile"] + ".trace.json"
+            prof.export_chrome_trace(raw)
+            with open(raw, "rb") as fi, gzip.open(raw + ".gz", "wb") as fo:
+                shutil.copyfileobj(fi, fo)
+            os.remove(raw)
     losses = [round(float(x), 5) for x in losses]  # the same batch each step: the curve compares numerics
     r = dict(strategy=p.strategy, stage=st.stage, compile=bool(st.compiled), world=p.world, bs=p.hp.batch_size,
              step_ms=round(dt * 1e3, 1), units_per_s_per_gpu=round(units / dt, 1), units_per_s=round(units * p.world / dt, 1),
@@ -73,6 +94,8 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--label", default="")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", default=None,
+                    help="path prefix: rank 0 profiles 3 more steps (<prefix>.txt table, <prefix>.trace.json.gz)")
     a = ap.parse_args(argv)
     import ray
     from ray.train import RunConfig, ScalingConfig
@@ -94,7 +117,7 @@ def main(argv=None):
     res = tempfile.mktemp(prefix="scaling-", suffix=".json")
     t0 = time.time()
     TorchTrainer(worker, train_loop_config=dict(manifest=m, hp=hp, steps=a.steps, warmup=a.warmup, result=res,
-                                                root=str(ROOT)),
+                                                root=str(ROOT), profile=a.profile),
                  scaling_config=ScalingConfig(num_workers=a.workers, use_gpu=use_gpu,
                                               resources_per_worker={"CPU": 0.5 if a.smoke else 4, **({"GPU": 1} if use_gpu else {})}),
                  run_config=RunConfig(name="scaling", storage_path=tempfile.mkdtemp(prefix="scaling-runs-"))).fit()

@@ -66,8 +66,9 @@ def test_two_worker_deepspeed_trial(ray_session, write_manifest, tiny_qwen):
     assert len(shards) == 2, shards
 
 
+@pytest.mark.parametrize("early", [False, True])
 @pytest.mark.parametrize("max_norm", [0.05, 1e3])  # clipping active on every step / never active
-def test_fused_clip_matches_clip_grad_norm(max_norm):
+def test_fused_clip_matches_clip_grad_norm(max_norm, early):
     """Stepper.clip (the clip factor applied inside the fused AdamW kernel) trains exactly as
     clip_grad_norm_ followed by the same optimizer."""
     import copy
@@ -75,7 +76,7 @@ def test_fused_clip_matches_clip_grad_norm(max_norm):
     import torch
     from torch import nn
 
-    from trainables.speed import Stepper
+    from trainables.speed import EarlyNorm, Stepper
 
     torch.manual_seed(0)
     ref = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 1))
@@ -85,14 +86,24 @@ def test_fused_clip_matches_clip_grad_norm(max_norm):
     st = Stepper.__new__(Stepper)  # only what clip() reads: a fused optimizer over the params
     st.params, st.grad_clip, st.fused_opt, st.device = list(ours.parameters()), max_norm, True, torch.device("cpu")
     st.opt = torch.optim.AdamW(ours.parameters(), lr=1e-2, fused=True)
+    # early: the norm summed per block by gradient hooks during the backward (EarlyNorm; here without a
+    # CUDA side stream); the last layer's bias is left out of the loss on odd steps, so its group never
+    # completes there and total() must sum it at the end
+    st.early_norm = EarlyNorm(list(ours.named_parameters()), torch.device("cpu")) if early else None
     clipped = 0
-    for _ in range(5):
+    for i in range(5):
         for model, opt in ((ref, opt_ref), (ours, st.opt)):
-            nn.functional.mse_loss(model(x), y).backward()
+            if model is ours and st.early_norm is not None:
+                st.early_norm.arm()
+            h = model[1](model[0](x))
+            out = h @ model[2].weight.T + (model[2].bias if i % 2 == 0 else 0)
+            nn.functional.mse_loss(out, y).backward()
             if model is ref:
                 norm = nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
                 clipped += bool(norm > max_norm)
             else:
+                if early:  # every group summed by its hooks, but the one missing the bias on odd steps
+                    assert [s is None for s in st.early_norm.sq] == [False, i % 2 == 1]
                 st.clip()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -112,11 +123,14 @@ def test_ddp_settings_reach_the_wrapper(tmp_path):
     from sweeper.errors import UserError
     from trainables.speed import Stepper
 
-    m = resolved(TINY_QWEN, ["training.strategy=ddp", "training.ddp.bucket_cap_mb=7"])
-    assert m["training"]["ddp"] == {"bucket_cap_mb": 7, "comm_hook": "none"}
+    m = resolved(TINY_QWEN, ["training.strategy=ddp", "training.ddp.impl=torch", "training.ddp.bucket_cap_mb=7"])
+    assert m["training"]["ddp"] == {"impl": "torch", "bucket_cap_mb": 7, "comm_hook": "none"}
+    assert resolved(TINY_QWEN, [])["training"]["ddp"]["impl"] == "blocks"
+    with pytest.raises(UserError, match="comm_hook applies to impl 'torch' only"):
+        resolved(TINY_QWEN, ["training.ddp.comm_hook=bf16"])
     assert resolved(TINY_QWEN, [])["training"]["ddp"]["bucket_cap_mb"] == 200
     with pytest.raises(UserError, match="comm_hook"):
-        resolved(TINY_QWEN, ["training.ddp.comm_hook=fp8"])
+        resolved(TINY_QWEN, ["training.ddp.impl=torch", "training.ddp.comm_hook=fp8"])
 
     class Fam:
         @staticmethod
@@ -136,3 +150,61 @@ def test_ddp_settings_reach_the_wrapper(tmp_path):
         st.step(torch.randn(4, 8))
     finally:
         dist.destroy_process_group()
+
+
+class _Fam:
+    @staticmethod
+    def loss(model, batch, hp):
+        return (model(batch) - batch.sum(1, keepdim=True)).pow(2).mean()
+
+
+class _HP:
+    lr, weight_decay, warmup_ratio, batch_size = 1e-2, 0.01, 0.0, 4
+
+
+def _dp_run(rank, world, init, out, impl):
+    """One rank of a 2-process gloo data-parallel run (or the 1-process reference when world == 1)."""
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+
+    from trainables.speed import Stepper
+
+    if world > 1:
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.manual_seed(rank)  # ranks start different: the wrapper must hand out rank 0's weights
+        model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 1))
+        st = Stepper(_Fam, model, _HP, strategy="ddp" if world > 1 else "plain", device=torch.device("cpu"),
+                     precision="32-true", grad_clip=0.5, total_steps=4, world=world, ddp={"impl": impl})
+        if world > 1:
+            assert (st.reducer is not None) == (impl == "blocks")
+        x = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(1))
+        for step in range(4):
+            st.step(x[step][rank::world])  # each rank its half of the step's batch
+        # and the averaged gradients themselves (AdamW with clipping hardly sees their scale)
+        if st.reducer is not None:
+            st.reducer.arm()
+        st.fwd(x[0][rank::world]).backward()
+        if st.reducer is not None:
+            st.reducer.finish()
+        if rank == 0:
+            torch.save({**model.state_dict(), **{f"grad.{n}": p.grad for n, p in model.named_parameters()}}, out)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("impl", ["blocks", "torch"])
+def test_two_process_data_parallel_matches_one_process(tmp_path, impl):
+    """training.ddp.impl: two gloo processes, each with half of every batch, end with the weights of one
+    process training on the whole batches (gradients averaged, clipping active, rank 0's start)."""
+    import torch
+    import torch.multiprocessing as tmp
+
+    _dp_run(0, 1, None, str(tmp_path / "one.pt"), impl)
+    tmp.spawn(_dp_run, args=(2, f"file://{tmp_path}/pg", str(tmp_path / "two.pt"), impl), nprocs=2)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6)

@@ -22,6 +22,7 @@ product's own step.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import queue
@@ -328,12 +329,166 @@ def _gpus(m: dict) -> float:
     return (1.0 if torch.cuda.is_available() else 0.0) if g == "auto" else float(g)
 
 
+def block_groups(named_params: list[tuple[str, nn.Parameter]]) -> list[list[nn.Parameter]]:
+    """Parameters grouped by block: the name up to its first layer index (``model.layers.3``), else
+    the owning module (``model.embed_tokens``), in the model's order."""
+    groups: dict[str, list[nn.Parameter]] = {}
+    for name, p in named_params:
+        parts = name.split(".")
+        digit = next((i for i, x in enumerate(parts) if x.isdigit()), None)
+        groups.setdefault(".".join(parts[: digit + 1] if digit is not None else parts[:-1]), []).append(p)
+    return list(groups.values())
+
+
+class BlockAllReduce:
+    """Data-parallel gradient averaging without DistributedDataParallel's buckets
+    (``training.ddp.impl: blocks``).
+
+    DDP copies every gradient into its bucket before the all-reduce (``mul_out`` into the bucket, since
+    the optimizer sets gradients to None each step): a read and a write of all 6.2 GB of Qwen2.5-1.5B's
+    fp32 gradients, 5 ms of a 171 ms two-GPU step on H100s (the profile in
+    benchmarks/results/gpu_profile_h100x2_2026-11-27_q15-ddp-b500.txt). Here each block's gradients
+    are all-reduced where they lie, in one coalesced NCCL group, as soon as the block's last gradient
+    has been accumulated during the backward, so the communication overlaps the rest of the backward
+    as DDP's does, without the copy. The model stays unwrapped (the compiled blocks are the one-GPU
+    ones). ``finish()`` waits for the reductions before clipping and the optimizer step.
+
+    Every rank issues its reductions in the order its blocks complete, which is the same on every
+    rank for the same model and batch shapes (the property DDP's ``static_graph`` also assumes). A
+    block with a parameter left without a gradient is reduced in ``finish()`` with zeros in its place.
+    NCCL averages (``ReduceOp.AVG``); gloo, which has no AVG, sums and divides."""
+
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]], module: nn.Module, world: int):
+        import torch.distributed as dist
+
+        self.dist, self.world = dist, world
+        self.groups = block_groups(named_params)
+        self.avg = dist.get_backend() == "nccl"
+        self.op = dist.ReduceOp.AVG if self.avg else dist.ReduceOp.SUM
+        with torch.no_grad():  # every rank starts from rank 0's weights, as DDP's constructor does
+            for t in list(module.parameters()) + list(module.buffers()):
+                dist.broadcast(t.data, src=0)
+        self.left = [0] * len(self.groups)
+        self.done = [False] * len(self.groups)
+        self.pending: list = []
+        self.armed = False
+        for gi, g in enumerate(self.groups):
+            for p in g:
+                p.register_post_accumulate_grad_hook(functools.partial(self._ready, gi))
+
+    def arm(self) -> None:
+        self.left = [len(g) for g in self.groups]
+        self.done = [False] * len(self.groups)
+        self.pending = []
+        self.armed = True
+
+    def _ready(self, gi: int, p: nn.Parameter) -> None:
+        if not self.armed:
+            return
+        self.left[gi] -= 1
+        if not self.left[gi]:
+            self._reduce(gi)
+
+    def _reduce(self, gi: int) -> None:
+        from torch.distributed.distributed_c10d import _coalescing_manager
+
+        with _coalescing_manager(async_ops=True) as cm:
+            for q in self.groups[gi]:
+                self.dist.all_reduce(q.grad, op=self.op)
+        self.pending.append(cm)
+        self.done[gi] = True
+
+    def finish(self) -> None:
+        """After the backward: reduce what the hooks did not, wait for every reduction (the current
+        stream waits; the host does not), and average where the backend only sums."""
+        self.armed = False
+        for gi, g in enumerate(self.groups):
+            if not self.done[gi]:
+                for q in g:
+                    if q.grad is None:
+                        q.grad = torch.zeros_like(q)
+                self._reduce(gi)
+        for cm in self.pending:
+            cm.wait()
+        self.pending = []
+        if not self.avg and self.world > 1:
+            torch._foreach_div_([q.grad for g in self.groups for q in g], float(self.world))
+
+
+class EarlyNorm:
+    """The gradients' global L2 norm, summed while the backward runs instead of in a pass after it.
+
+    Parameters are grouped by block (the embedding, each decoder layer, ...); when the last gradient
+    of a group has been accumulated, that group's squared norm is taken on a side CUDA stream, so
+    reading the gradients (memory-bound) overlaps the rest of the backward's matmuls (compute-bound)
+    instead of costing its own pass over every gradient before the optimizer step: about 2 ms of a
+    154 ms Qwen2.5-1.5B step on an H100 (6.2 GB of fp32 gradients). ``total()`` joins the streams
+    and adds the groups up; a group whose gradients did not all arrive (a parameter unused this
+    step) is summed there, on the main stream. One process only: under DDP a gradient is final only
+    after its bucket's all-reduce. Without CUDA (the tests) the groups are summed inside the hooks."""
+
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]], device: torch.device):
+        self.groups = block_groups(named_params)
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.left = [0] * len(self.groups)
+        self.sq: list[torch.Tensor | None] = [None] * len(self.groups)
+        self.armed = False
+        for gi, g in enumerate(self.groups):
+            for p in g:
+                p.register_post_accumulate_grad_hook(functools.partial(self._ready, gi))
+
+    def arm(self) -> None:
+        """Before a step's backward: gradients accumulated outside a step (a memory probe) are ignored."""
+        self.left = [len(g) for g in self.groups]
+        self.sq = [None] * len(self.groups)
+        self.armed = True
+
+    @staticmethod
+    def _sq(grads: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(torch._foreach_norm(grads)).float().square().sum()
+
+    def _ready(self, gi: int, p: nn.Parameter) -> None:
+        if not self.armed:
+            return
+        self.left[gi] -= 1
+        if self.left[gi]:
+            return
+        grads = [q.grad for q in self.groups[gi]]
+        if self.stream is None:
+            self.sq[gi] = self._sq(grads)
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        with torch.cuda.stream(self.stream):
+            self.sq[gi] = self._sq(grads)
+
+    def total(self) -> torch.Tensor:
+        """The global norm of this step's gradients (as ``get_total_norm``, up to summation order)."""
+        self.armed = False
+        parts = []
+        if self.stream is not None:
+            main = torch.cuda.current_stream(self.stream.device)
+            main.wait_stream(self.stream)
+        for g, s in zip(self.groups, self.sq):
+            if s is None:
+                grads = [p.grad for p in g if p.grad is not None]
+                if not grads:
+                    continue
+                s = self._sq(grads)
+            elif self.stream is not None:
+                s.record_stream(main)  # made on the side stream, read and freed on the main one
+            parts.append(s)
+        dev = self.stream.device if self.stream is not None else torch.device("cpu")
+        return torch.stack(parts).sum().sqrt() if parts else torch.zeros((), device=dev)
+
+
 class Stepper:
     """Model + optimizer + schedule for one strategy; ``step(batch)`` is one optimizer step."""
 
     def __init__(self, family, model: nn.Module, hp, *, strategy: str, device: torch.device, precision: str,
                  grad_clip: float, total_steps: int, step_offset: int = 0, compile_: bool = False,
                  ds: dict | None = None, world: int = 1, ddp: dict | None = None):
+        from sweeper.manifest import DDPSpec
+
         from .base import cosine_with_warmup
 
         self.family, self.model, self.hp, self.strategy, self.device = family, model, hp, strategy, device
@@ -349,6 +504,7 @@ class Stepper:
         self.ds = ds or {}
         self.stage = int(self.ds.get("stage", 2)) if strategy == "deepspeed" else None
         self.engine = None
+        self.reducer: BlockAllReduce | None = None
         self.loss_mod = LossModule(family, model, hp, torch.bfloat16 if (strategy == "deepspeed" and self.bf16) else None)
         offload_opt = strategy == "deepspeed" and self.ds.get("offload_optimizer")
         self.fused_opt = bool(on_cuda and not offload_opt)
@@ -364,10 +520,13 @@ class Stepper:
             self.engine, _, _, _ = deepspeed.initialize(model=self.loss_mod, optimizer=self.opt,
                                                         config=self.ds_config(hp.batch_size))
             self.fwd = self.engine
+        elif strategy == "ddp" and world > 1 and DDPSpec(**(ddp or {})).impl == "blocks":
+            self.loss_mod.to(device)
+            self.fwd = self.loss_mod
+            self.reducer = BlockAllReduce([(n, p) for n, p in model.named_parameters() if p.requires_grad],
+                                          self.loss_mod, world)
         elif strategy == "ddp" and world > 1:
             self.loss_mod.to(device)
-            from sweeper.manifest import DDPSpec
-
             ddp = DDPSpec(**(ddp or {}))  # the manifest's defaults for a caller that passes none
             self.fwd = nn.parallel.DistributedDataParallel(
                 self.loss_mod, device_ids=[device.index] if on_cuda else None,
@@ -383,6 +542,10 @@ class Stepper:
             self.loss_mod.to(device)
             self.fwd = self.loss_mod
         self.params = [p for p in model.parameters() if p.requires_grad]
+        # the clip norm summed during the backward (one process, fused AdamW: see EarlyNorm)
+        self.early_norm = (EarlyNorm([(n, p) for n, p in model.named_parameters() if p.requires_grad], device)
+                           if (self.grad_clip and self.fused_opt and self.fwd is self.loss_mod and self.reducer is None)
+                           else None)
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if (self.bf16 and self.engine is None)
                          else contextlib.nullcontext())
 
@@ -394,14 +557,18 @@ class Stepper:
         per element as the kernel reads each gradient), so only the norm costs a pass over the
         gradients. The separate ``grads *= coef`` pass read and wrote every gradient once more:
         about 7 ms of a 157 ms Qwen2.5-1.5B step on an H100 (the 4.3 % product/plain gap of
-        2026-11-22). Without a fused optimizer: ``clip_grad_norm_`` itself."""
+        2026-11-22). The norm itself is summed during the backward where it can be (``EarlyNorm``:
+        one process). Without a fused optimizer: ``clip_grad_norm_`` itself."""
         if not self.fused_opt:
             nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=self.device.type == "cuda")
             return
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if not grads:
-            return
-        norm = nn.utils.get_total_norm(grads, foreach=True)
+        if getattr(self, "early_norm", None) is not None:
+            norm = self.early_norm.total()
+        else:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            if not grads:
+                return
+            norm = nn.utils.get_total_norm(grads, foreach=True)
         # clip_grad_norm_: grads *= min(1, max_norm / (norm + 1e-6)); here: grads /= max(1, (norm + 1e-6) / max_norm)
         self.opt.grad_scale = torch.clamp((norm.float() + 1e-6) / self.grad_clip, min=1.0)
 
@@ -436,7 +603,13 @@ class Stepper:
         else:
             with self.autocast:
                 loss = self.fwd(batch)
+            if self.reducer is not None:
+                self.reducer.arm()
+            elif self.early_norm is not None:
+                self.early_norm.arm()
             loss.backward()
+            if self.reducer is not None:
+                self.reducer.finish()
             if self.grad_clip:
                 self.clip()
             self.opt.step()
