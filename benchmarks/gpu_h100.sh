@@ -18,3 +18,4 @@ b --manifest $VB --label vitb-eager --set training.compile=false --modes product
 b --manifest $VS --label vits-compiled --modes product,loader,plain,plain-clip
 b --manifest $Q5 --label q05-ds2-1gpu --set training.strategy=deepspeed --modes product
 b --manifest $Q15 --label q15-compiled-bs16 --set search.space.batch_size=16 --modes product
+b --manifest $Q15 --label q15-norm-ab --modes product,product-late-norm,plain  # EarlyNorm on/off, same run

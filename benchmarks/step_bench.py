@@ -81,7 +81,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--manifest", required=True)
     ap.add_argument("--set", action="append", default=[], help="manifest override key=value")
-    ap.add_argument("--modes", default="product,loader,plain", help="of product, loader, plain, plain-clip")
+    ap.add_argument("--modes", default="product,loader,plain", help="of product, loader, plain, plain-clip, product-late-norm (EarlyNorm off)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3, help="alternating timing rounds per mode (median kept)")
@@ -161,8 +161,16 @@ def main(argv=None):
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-    fns = {"product": lambda: st.step(first), "plain": plain_step, "plain-clip": lambda: plain_step(True)}
-    timed = [k for k in ("product", "plain", "plain-clip") if k in modes]
+    def late_norm_step():  # the product with its clip norm taken after the backward (EarlyNorm off): A/B
+        early, st.early_norm = st.early_norm, None
+        try:
+            st.step(first)
+        finally:
+            st.early_norm = early
+
+    fns = {"product": lambda: st.step(first), "plain": plain_step, "plain-clip": lambda: plain_step(True),
+           "product-late-norm": late_norm_step}
+    timed = [k for k in ("product", "product-late-norm", "plain", "plain-clip") if k in modes]
     for k in timed:  # warm-up (compiles) once per mode
         if k != "product":
             _time(fns[k], dev, a.warmup, 1)
