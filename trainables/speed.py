@@ -340,7 +340,35 @@ def block_groups(named_params: list[tuple[str, nn.Parameter]]) -> list[list[nn.P
     return list(groups.values())
 
 
-class BlockAllReduce:
+class _BlockHooks:
+    """Gradient hooks per block (``block_groups``): ``_block_done(gi)`` runs once a step, when the last
+    gradient of block ``gi`` has been accumulated. ``arm()`` before a step's backward; gradients
+    accumulated while disarmed (a memory probe, a backward outside ``Stepper.step``) are ignored."""
+
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]]):
+        self.groups = block_groups(named_params)
+        self.left = [0] * len(self.groups)
+        self.armed = False
+        for gi, g in enumerate(self.groups):
+            for p in g:
+                p.register_post_accumulate_grad_hook(functools.partial(self._ready, gi))
+
+    def arm(self) -> None:
+        self.left = [len(g) for g in self.groups]
+        self.armed = True
+
+    def _ready(self, gi: int, p: nn.Parameter) -> None:
+        if not self.armed:
+            return
+        self.left[gi] -= 1
+        if not self.left[gi]:
+            self._block_done(gi)
+
+    def _block_done(self, gi: int) -> None:
+        raise NotImplementedError
+
+
+class BlockAllReduce(_BlockHooks):
     """Data-parallel gradient averaging without DistributedDataParallel's buckets
     (``training.ddp.impl: blocks``).
 
@@ -361,35 +389,22 @@ class BlockAllReduce:
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], module: nn.Module, world: int):
         import torch.distributed as dist
 
+        super().__init__(named_params)
         self.dist, self.world = dist, world
-        self.groups = block_groups(named_params)
         self.avg = dist.get_backend() == "nccl"
         self.op = dist.ReduceOp.AVG if self.avg else dist.ReduceOp.SUM
         with torch.no_grad():  # every rank starts from rank 0's weights, as DDP's constructor does
             for t in list(module.parameters()) + list(module.buffers()):
                 dist.broadcast(t.data, src=0)
-        self.left = [0] * len(self.groups)
         self.done = [False] * len(self.groups)
         self.pending: list = []
-        self.armed = False
-        for gi, g in enumerate(self.groups):
-            for p in g:
-                p.register_post_accumulate_grad_hook(functools.partial(self._ready, gi))
 
     def arm(self) -> None:
-        self.left = [len(g) for g in self.groups]
+        super().arm()
         self.done = [False] * len(self.groups)
         self.pending = []
-        self.armed = True
 
-    def _ready(self, gi: int, p: nn.Parameter) -> None:
-        if not self.armed:
-            return
-        self.left[gi] -= 1
-        if not self.left[gi]:
-            self._reduce(gi)
-
-    def _reduce(self, gi: int) -> None:
+    def _block_done(self, gi: int) -> None:
         from torch.distributed.distributed_c10d import _coalescing_manager
 
         with _coalescing_manager(async_ops=True) as cm:
@@ -407,7 +422,7 @@ class BlockAllReduce:
                 for q in g:
                     if q.grad is None:
                         q.grad = torch.zeros_like(q)
-                self._reduce(gi)
+                self._block_done(gi)
         for cm in self.pending:
             cm.wait()
         self.pending = []
@@ -415,44 +430,34 @@ class BlockAllReduce:
             torch._foreach_div_([q.grad for g in self.groups for q in g], float(self.world))
 
 
-class EarlyNorm:
+class EarlyNorm(_BlockHooks):
     """The gradients' global L2 norm, summed while the backward runs instead of in a pass after it.
 
     Parameters are grouped by block (the embedding, each decoder layer, ...); when the last gradient
     of a group has been accumulated, that group's squared norm is taken on a side CUDA stream, so
     reading the gradients (memory-bound) overlaps the rest of the backward's matmuls (compute-bound)
-    instead of costing its own pass over every gradient before the optimizer step: about 2 ms of a
-    154 ms Qwen2.5-1.5B step on an H100 (6.2 GB of fp32 gradients). ``total()`` joins the streams
+    instead of costing its own pass over every gradient before the optimizer step (Qwen2.5-1.5B: 6.2 GB
+    of fp32 gradients, about 2 ms at the H100's bandwidth, 1.3 % of the step in the 2026-11-26
+    profile; a gain not yet shown in a same-run A/B: ``step_bench.py --modes product,product-late-norm``,
+    benchmarks/results/gpu_2026-11-27.md). ``total()`` joins the streams
     and adds the groups up; a group whose gradients did not all arrive (a parameter unused this
     step) is summed there, on the main stream. One process only: under DDP a gradient is final only
     after its bucket's all-reduce. Without CUDA (the tests) the groups are summed inside the hooks."""
 
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], device: torch.device):
-        self.groups = block_groups(named_params)
+        super().__init__(named_params)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.left = [0] * len(self.groups)
         self.sq: list[torch.Tensor | None] = [None] * len(self.groups)
-        self.armed = False
-        for gi, g in enumerate(self.groups):
-            for p in g:
-                p.register_post_accumulate_grad_hook(functools.partial(self._ready, gi))
 
     def arm(self) -> None:
-        """Before a step's backward: gradients accumulated outside a step (a memory probe) are ignored."""
-        self.left = [len(g) for g in self.groups]
+        super().arm()
         self.sq = [None] * len(self.groups)
-        self.armed = True
 
     @staticmethod
     def _sq(grads: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(torch._foreach_norm(grads)).float().square().sum()
 
-    def _ready(self, gi: int, p: nn.Parameter) -> None:
-        if not self.armed:
-            return
-        self.left[gi] -= 1
-        if self.left[gi]:
-            return
+    def _block_done(self, gi: int) -> None:
         grads = [q.grad for q in self.groups[gi]]
         if self.stream is None:
             self.sq[gi] = self._sq(grads)
