@@ -94,6 +94,22 @@ def _history_fallback(result, metric: str) -> list[dict]:
     return [last] if _finite(last.get(metric)) else []
 
 
+def _with_last_result(records: list[dict], last: dict | None) -> list[dict]:
+    """The reports, plus Tune's last result where it is newer than the last report on file.
+
+    A driver killed after Tune had processed a trial's final report (its experiment snapshot holds
+    the trial finished, with that result) but before the line reached the trial's ``result.json``
+    restores the trial as finished and never runs it again: the file ends an epoch short. Seen in
+    the fresh-clone CI of 2026-11-27 (a trial with epochs 1-2 on file, its epoch-3 checkpoint
+    written, Tune's last result epoch 3); the tables listed it "stopped at epoch 2 of 3"."""
+    last = dict(last or {})
+    if not records or not _finite(last.get("epoch")) or not all(_finite(h.get("epoch")) for h in records):
+        return records
+    if int(last["epoch"]) > max(int(h["epoch"]) for h in records):
+        return [*records, last]
+    return records
+
+
 RUN_TIMES = ("time_startup_s", "time_train_s", "time_eval_s", "time_ckpt_s", "time_wall_s")
 
 
@@ -132,7 +148,8 @@ def trial_rows(results, *, metric: str, mode: str, phase: str, max_t: int, gpus:
         cfg = dict(r.config or {})
         df = r.metrics_dataframe
         records = df.to_dict("records") if df is not None and len(df) else []
-        hist = _one_per_epoch(_runs_summed(records or _history_fallback(r, metric)))
+        records = _with_last_result(records or _history_fallback(r, metric), r.metrics)
+        hist = _one_per_epoch(_runs_summed(records))
         last = hist[-1] if hist else (r.metrics or {})
         trial_id = (r.metrics or {}).get("trial_id") or last.get("trial_id") or Path(r.path).name
         vals = [h.get(metric) for h in hist if _finite(h.get(metric)) and not h.get("sweeper_failed")]

@@ -254,3 +254,29 @@ def test_a_trial_whose_result_json_was_torn_is_still_listed_finished(tmp_path):
     (d / "progress.csv").write_text("")  # torn too: the last result
     rows, _ = results.trial_rows(grid(d), **kw)
     assert rows[0]["status"] == "completed" and abs(rows[0]["final"] - 1 / 3) < 1e-9
+
+
+def test_a_final_report_missing_from_result_json_comes_from_tunes_last_result(tmp_path):
+    """Killed after Tune processed a trial's final report but before its line reached result.json
+    (CI 2026-11-27): Tune restores the trial as finished and never reruns it; the file ends an epoch
+    short. The row takes the final epoch from Tune's last result: completed, not 'stopped at 2 of 3'."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from sweeper import results
+
+    hist = [{"epoch": e, "val_mae": 1.0 / e, "time_wall_s": 2.0 * e, "first_step_unix": 100.0} for e in (1, 2, 3)]
+
+    def grid(on_file):
+        return [SimpleNamespace(config={"lr": 0.1}, metrics_dataframe=pd.DataFrame(on_file),
+                                metrics={**hist[-1], "trial_id": "a"}, path=str(tmp_path), error=None,
+                                best_checkpoints=[], checkpoint=None)]
+
+    kw = dict(metric="val_mae", mode="min", phase="sweep", max_t=3, gpus=0, workers=1, decisions=[])
+    rows, mrows = results.trial_rows(grid(hist[:2]), **kw)
+    assert rows[0]["status"] == "completed" and rows[0]["epochs"] == 3, rows[0]
+    assert abs(rows[0]["final"] - 1 / 3) < 1e-9 and rows[0]["wall_s"] == 6.0
+    assert sorted(m["epoch"] for m in mrows if m["metric"] == "val_mae") == [1, 2, 3]
+    rows, mrows = results.trial_rows(grid(hist), **kw)  # all on file: nothing added twice
+    assert rows[0]["epochs"] == 3 and sorted(m["epoch"] for m in mrows if m["metric"] == "val_mae") == [1, 2, 3]

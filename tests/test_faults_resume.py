@@ -154,7 +154,7 @@ def test_driver_sigkill_at_25_50_75_percent_then_resume(tmp_path):
     for r in mt:
         per_trial.setdefault(r["trial_id"], []).append(r["epoch"])
 
-    resumed_mid_trial, history_restarted, history_lost = 0, 0, set()
+    resumed_mid_trial, history_restarted, history_lost, final_line_lost = 0, 0, set(), set()
     for snap in snapshots:
         for name, (lines_before, ckpts_before) in snap.items():
             if name in {t.name for t in orphans}:
@@ -185,7 +185,16 @@ def test_driver_sigkill_at_25_50_75_percent_then_resume(tmp_path):
                     [r["epoch"] for r in again] == [EPOCHS] and again[0]["val_mae"] == last["val_mae"]
                     and again[0].get("checkpoint_dir_name") is None), (name, "finished before the kill but ran again", again)
                 continue
-            assert new and new[-1]["epoch"] == EPOCHS
+            if not new or new[-1]["epoch"] != EPOCHS:
+                # Tune processed its final report (the snapshot holds the trial finished, so the restore
+                # never runs it again) but the kill came before that line reached result.json: the raw
+                # file ends short (docs/reliability.md, "Lost result history"). The tables must still
+                # list it finished, from Tune's last result, and its final checkpoint must verify.
+                tid = name.rsplit("_", 1)[1]
+                assert per_trial.get(tid) and per_trial[tid][-1] == EPOCHS, (name, per_trial.get(tid))
+                assert EPOCHS in _verified_ckpt_epochs(phase / "tune" / name), (name, "no final checkpoint")
+                final_line_lost.add(name)
+                continue
             if ckpts_before:
                 # it had a verified checkpoint: it continues after the newest one, never from epoch 1
                 # (a final checkpoint whose report was lost is reported again, once)
@@ -195,7 +204,8 @@ def test_driver_sigkill_at_25_50_75_percent_then_resume(tmp_path):
                 else:  # history restarted, possibly again at a later kill: it went on from here or later
                     assert new[0]["epoch"] >= want, (name, ckpts_before, [r["epoch"] for r in after])
                 resumed_mid_trial += 1
-    for name in (t.name for t in trial_dirs(phase) if t not in orphans and t.name not in history_lost):
+    for name in (t.name for t in trial_dirs(phase)
+                 if t not in orphans and t.name not in history_lost | final_line_lost):
         lines = result_lines(phase / "tune" / name)
         epochs = [r["epoch"] for r in lines]
         # Tune's raw result.json: epochs in order, none trained twice. The one allowed repeat is
@@ -213,4 +223,4 @@ def test_driver_sigkill_at_25_50_75_percent_then_resume(tmp_path):
     meta = json.loads((sweep_dir / "run_metadata.json").read_text())
     assert [r["resumed"] for r in meta["runs"]] == [False, True, True, True]
     print(f"\nruns: {runs}\nleftover Ray processes 2 s after each driver SIGKILL: {leftovers}\n"
-          f"trials resumed mid-way from a checkpoint: {resumed_mid_trial}; orphan trial dirs (unrecorded, dropped): {len(orphans)}; result.json restarted by Tune: {history_restarted}; emptied: {len(history_lost)}\ntotal {time.monotonic() - t_all:.0f}s")
+          f"trials resumed mid-way from a checkpoint: {resumed_mid_trial}; orphan trial dirs (unrecorded, dropped): {len(orphans)}; result.json restarted by Tune: {history_restarted}; emptied: {len(history_lost)}; final line lost: {len(final_line_lost)}\ntotal {time.monotonic() - t_all:.0f}s")
