@@ -135,18 +135,10 @@ def test_ddp_settings_reach_the_wrapper(tmp_path):
     with pytest.raises(UserError, match="comm_hook"):
         resolved(TINY_QWEN, ["training.ddp.impl=torch", "training.ddp.comm_hook=fp8"])
 
-    class Fam:
-        @staticmethod
-        def loss(model, batch, hp):
-            return model(batch).pow(2).mean()
-
-    class HP:
-        lr, weight_decay, warmup_ratio, batch_size = 1e-3, 0.0, 0.0, 4
-
     if not dist.is_initialized():
         dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
     try:
-        st = Stepper(Fam, nn.Linear(8, 1), HP, strategy="ddp", device=torch.device("cpu"), precision="32-true",
+        st = Stepper(_Fam, nn.Linear(8, 1), _HP, strategy="ddp", device=torch.device("cpu"), precision="32-true",
                      grad_clip=1.0, total_steps=4, world=2, ddp=m["training"]["ddp"])
         assert isinstance(st.fwd, nn.parallel.DistributedDataParallel)
         assert st.fwd.bucket_bytes_cap == 7 * 1024 * 1024
@@ -207,7 +199,7 @@ def test_two_process_data_parallel_matches_one_process(tmp_path, impl):
 
     _dp_run(0, 1, None, str(tmp_path / "one.pt"), impl)
     tmp.spawn(_dp_run, args=(2, f"file://{tmp_path}/pg", str(tmp_path / "two.pt"), impl), nprocs=2)
-    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    one, two = (torch.load(tmp_path / f, weights_only=True) for f in ("one.pt", "two.pt"))
     assert one.keys() == two.keys()
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6)

@@ -340,13 +340,14 @@ def block_groups(named_params: list[tuple[str, nn.Parameter]]) -> list[list[nn.P
     return list(groups.values())
 
 
-class _BlockHooks:
-    """Gradient hooks per block (``block_groups``): ``_block_done(gi)`` runs once a step, when the last
+class BlockHooks:
+    """Gradient hooks per block (``block_groups``): ``on_block(gi)`` runs once a step, when the last
     gradient of block ``gi`` has been accumulated. ``arm()`` before a step's backward; gradients
     accumulated while disarmed (a memory probe, a backward outside ``Stepper.step``) are ignored."""
 
-    def __init__(self, named_params: list[tuple[str, nn.Parameter]]):
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]], on_block: Callable[[int], None]):
         self.groups = block_groups(named_params)
+        self.on_block = on_block
         self.left = [0] * len(self.groups)
         self.armed = False
         for gi, g in enumerate(self.groups):
@@ -362,13 +363,10 @@ class _BlockHooks:
             return
         self.left[gi] -= 1
         if not self.left[gi]:
-            self._block_done(gi)
-
-    def _block_done(self, gi: int) -> None:
-        raise NotImplementedError
+            self.on_block(gi)
 
 
-class BlockAllReduce(_BlockHooks):
+class BlockAllReduce:
     """Data-parallel gradient averaging without DistributedDataParallel's buckets
     (``training.ddp.impl: blocks``).
 
@@ -388,9 +386,11 @@ class BlockAllReduce(_BlockHooks):
 
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], module: nn.Module, world: int):
         import torch.distributed as dist
+        from torch.distributed.distributed_c10d import _coalescing_manager
 
-        super().__init__(named_params)
-        self.dist, self.world = dist, world
+        self.hooks = BlockHooks(named_params, self._reduce)
+        self.groups = self.hooks.groups
+        self.dist, self.world, self.coalesced = dist, world, _coalescing_manager
         self.avg = dist.get_backend() == "nccl"
         self.op = dist.ReduceOp.AVG if self.avg else dist.ReduceOp.SUM
         with torch.no_grad():  # every rank starts from rank 0's weights, as DDP's constructor does
@@ -400,14 +400,12 @@ class BlockAllReduce(_BlockHooks):
         self.pending: list = []
 
     def arm(self) -> None:
-        super().arm()
+        self.hooks.arm()
         self.done = [False] * len(self.groups)
         self.pending = []
 
-    def _block_done(self, gi: int) -> None:
-        from torch.distributed.distributed_c10d import _coalescing_manager
-
-        with _coalescing_manager(async_ops=True) as cm:
+    def _reduce(self, gi: int) -> None:
+        with self.coalesced(async_ops=True) as cm:
             for q in self.groups[gi]:
                 self.dist.all_reduce(q.grad, op=self.op)
         self.pending.append(cm)
@@ -416,13 +414,13 @@ class BlockAllReduce(_BlockHooks):
     def finish(self) -> None:
         """After the backward: reduce what the hooks did not, wait for every reduction (the current
         stream waits; the host does not), and average where the backend only sums."""
-        self.armed = False
+        self.hooks.armed = False
         for gi, g in enumerate(self.groups):
             if not self.done[gi]:
                 for q in g:
                     if q.grad is None:
                         q.grad = torch.zeros_like(q)
-                self._block_done(gi)
+                self._reduce(gi)
         for cm in self.pending:
             cm.wait()
         self.pending = []
@@ -430,7 +428,7 @@ class BlockAllReduce(_BlockHooks):
             torch._foreach_div_([q.grad for g in self.groups for q in g], float(self.world))
 
 
-class EarlyNorm(_BlockHooks):
+class EarlyNorm:
     """The gradients' global L2 norm, summed while the backward runs instead of in a pass after it.
 
     Parameters are grouped by block (the embedding, each decoder layer, ...); when the last gradient
@@ -445,19 +443,20 @@ class EarlyNorm(_BlockHooks):
     after its bucket's all-reduce. Without CUDA (the tests) the groups are summed inside the hooks."""
 
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], device: torch.device):
-        super().__init__(named_params)
+        self.hooks = BlockHooks(named_params, self._block_norm)
+        self.groups = self.hooks.groups
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.sq: list[torch.Tensor | None] = [None] * len(self.groups)
 
     def arm(self) -> None:
-        super().arm()
+        self.hooks.arm()
         self.sq = [None] * len(self.groups)
 
     @staticmethod
     def _sq(grads: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(torch._foreach_norm(grads)).float().square().sum()
 
-    def _block_done(self, gi: int) -> None:
+    def _block_norm(self, gi: int) -> None:
         grads = [q.grad for q in self.groups[gi]]
         if self.stream is None:
             self.sq[gi] = self._sq(grads)
@@ -468,7 +467,7 @@ class EarlyNorm(_BlockHooks):
 
     def total(self) -> torch.Tensor:
         """The global norm of this step's gradients (as ``get_total_norm``, up to summation order)."""
-        self.armed = False
+        self.hooks.armed = False
         parts = []
         if self.stream is not None:
             main = torch.cuda.current_stream(self.stream.device)
@@ -510,6 +509,7 @@ class Stepper:
         self.stage = int(self.ds.get("stage", 2)) if strategy == "deepspeed" else None
         self.engine = None
         self.reducer: BlockAllReduce | None = None
+        ddp_spec = DDPSpec(**(ddp or {}))  # the manifest's defaults for a caller that passes none
         self.loss_mod = LossModule(family, model, hp, torch.bfloat16 if (strategy == "deepspeed" and self.bf16) else None)
         offload_opt = strategy == "deepspeed" and self.ds.get("offload_optimizer")
         self.fused_opt = bool(on_cuda and not offload_opt)
@@ -525,18 +525,17 @@ class Stepper:
             self.engine, _, _, _ = deepspeed.initialize(model=self.loss_mod, optimizer=self.opt,
                                                         config=self.ds_config(hp.batch_size))
             self.fwd = self.engine
-        elif strategy == "ddp" and world > 1 and DDPSpec(**(ddp or {})).impl == "blocks":
+        elif strategy == "ddp" and world > 1 and ddp_spec.impl == "blocks":
             self.loss_mod.to(device)
             self.fwd = self.loss_mod
             self.reducer = BlockAllReduce([(n, p) for n, p in model.named_parameters() if p.requires_grad],
                                           self.loss_mod, world)
         elif strategy == "ddp" and world > 1:
             self.loss_mod.to(device)
-            ddp = DDPSpec(**(ddp or {}))  # the manifest's defaults for a caller that passes none
             self.fwd = nn.parallel.DistributedDataParallel(
                 self.loss_mod, device_ids=[device.index] if on_cuda else None,
-                gradient_as_bucket_view=True, static_graph=True, bucket_cap_mb=ddp.bucket_cap_mb)
-            if ddp.comm_hook == "bf16":
+                gradient_as_bucket_view=True, static_graph=True, bucket_cap_mb=ddp_spec.bucket_cap_mb)
+            if ddp_spec.comm_hook == "bf16":
                 if on_cuda:
                     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
@@ -567,7 +566,7 @@ class Stepper:
         if not self.fused_opt:
             nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=self.device.type == "cuda")
             return
-        if getattr(self, "early_norm", None) is not None:
+        if self.early_norm is not None:
             norm = self.early_norm.total()
         else:
             grads = [p.grad for p in self.params if p.grad is not None]
