@@ -5,7 +5,8 @@
 #      best-1-GPU figure item 3 compares with.
 #   2. 2-GPU rows, product path through Ray Train (benchmarks/scaling_bench.py): 1.5B DDP, ZeRO-2[, ZeRO-3, 7B].
 # ROWS picks the 2-GPU rows (default "ddp zero2"; ddp = PyTorch's DDP with its 25 MB buckets, ddp-bN = N MB buckets,
-# ddp-b200-bf16, ddp-blocks (training.ddp.impl: blocks), zero2, zero3, q7zero2, q7zero3; a suffix -ncN on a ddp row sets NCCL_MAX_NCHANNELS=N for it);
+# ddp-b200-bf16, ddp-blocks (training.ddp.impl: blocks), zero2, zero3, zero3-pf (ZeRO-3 with larger prefetch and
+# persistence settings), fsdp (training.strategy: fsdp, ZeRO-3 sharding with FSDP2; fsdp-uN: N blocks per FSDP unit), q7zero2, q7zero3, q7fsdp; a suffix -ncN on a ddp row sets NCCL_MAX_NCHANNELS=N for it);
 # T the per-row timeout (s). NO_ONE=1 skips the 1-GPU rows; ONE=compiled runs only the compiled 1-GPU timing
 # (product and plain), on both GPUs at once, without the profiles (the best-1-GPU figure, measured on the same
 # machine as the 2-GPU rows that follow it).
@@ -64,6 +65,11 @@ for r0 in ${ROWS:-ddp zero2}; do
     ddp-b[0-9]*) s q15-$r$sfx --manifest $Q15X2 --set training.strategy=ddp --set training.ddp.impl=torch --set training.ddp.bucket_cap_mb=${r#ddp-b} ;;
     zero2) s q15-zero2 --manifest $Q15X2 --set training.deepspeed.stage=2 ;;
     zero3) s q15-zero3 --manifest $Q15X2 --set training.deepspeed.stage=3 ;;
+    zero3-pf) s q15-zero3-pf --manifest $Q15X2 --set training.deepspeed.stage=3 \
+      --set 'training.deepspeed.config={zero_optimization: {stage3_prefetch_bucket_size: 500000000, stage3_param_persistence_threshold: 1000000, stage3_max_live_parameters: 3000000000}}' ;;
+    fsdp) s q15-fsdp --manifest $Q15X2 --set training.strategy=fsdp ;;
+    fsdp-u[0-9]*) s q15-$r --manifest $Q15X2 --set training.strategy=fsdp --set training.fsdp.blocks_per_unit=${r#fsdp-u} ;;
+    q7fsdp) s q7-fsdp --manifest $Q7 --set training.strategy=fsdp ;;
     q7zero2) s q7-zero2 --manifest $Q7 --set training.deepspeed.stage=2 --set search.space.batch_size=4 ;;
     q7zero2-bs[0-9]*) s q7-zero2-bs${r#q7zero2-bs} --manifest $Q7 --set training.deepspeed.stage=2 --set search.space.batch_size=${r#q7zero2-bs} ;;
     q7zero3) s q7-zero3 --manifest $Q7 --set training.deepspeed.stage=3 --set search.space.batch_size=4 ;;

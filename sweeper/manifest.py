@@ -197,14 +197,19 @@ class TrainingSpec(Strict):
     checkpoint_every: int = Field(1, ge=0)
     """Checkpoint every N epochs and at the last one; 0: never (benchmarks only: nothing to promote or resume)."""
     deterministic: bool = True
-    strategy: Literal["auto", "lightning", "plain", "ddp", "deepspeed"] = "auto"
+    strategy: Literal["auto", "lightning", "plain", "ddp", "deepspeed", "fsdp"] = "auto"
     """How a trial trains (docs/gpu.md). ``auto``: GPU trials take the fast path (trainables/speed.py):
     plain PyTorch on one worker, DeepSpeed on several; CPU trials the Lightning loop. ``lightning``:
-    always the Lightning loop. ``plain``: one worker, plain PyTorch. ``ddp`` / ``deepspeed``: by name."""
+    always the Lightning loop. ``plain``: one worker, plain PyTorch. ``ddp`` / ``deepspeed``: by name.
+    ``fsdp``: ZeRO-3 sharding (parameters, gradients and optimizer state) with PyTorch's FSDP2, each
+    repeated block its own unit, compiled as on one GPU (``trainables.speed.shard_fsdp``); one worker
+    runs plain."""
     deepspeed: "DeepSpeedSpec" = Field(default_factory=lambda: DeepSpeedSpec())
     """ZeRO settings when the strategy is DeepSpeed."""
     ddp: "DDPSpec" = Field(default_factory=lambda: DDPSpec())
     """DistributedDataParallel settings when the strategy is ``ddp`` with several workers."""
+    fsdp: "FSDPSpec" = Field(default_factory=lambda: FSDPSpec())
+    """FSDP2 settings when the strategy is ``fsdp`` with several workers."""
     compile: Literal["auto"] | bool = "auto"
     """Regional torch.compile of the repeated blocks. ``auto``: on GPU, except under ZeRO-3."""
 
@@ -231,6 +236,19 @@ class DDPSpec(Strict):
         if self.impl == "blocks" and self.comm_hook != "none":
             raise ValueError("comm_hook applies to impl 'torch' only (impl 'blocks' all-reduces in the gradients' dtype)")
         return self
+
+
+class FSDPSpec(Strict):
+    blocks_per_unit: int = Field(4, ge=1, le=64)
+    """Consecutive repeated blocks (decoder layers) sharded as one FSDP unit: one all-gather before the
+    unit's forward and its backward, one reduce-scatter after its backward. Each unit costs host time
+    per step (hooks, copy-in/out, collectives): with one block per unit the Qwen2.5-1.5B step was
+    bound by the host, not the GPU. 2×H200, same call: 1 block 0.602, 2 blocks 0.847, 4 blocks 0.907
+    × twice the one-GPU product (benchmarks/results/gpu_2026-11-27.md)."""
+    fp32_root: bool = False
+    """Keep the embedding, final norm and head in fp32 and the residual stream fp32 under autocast (the
+    one-GPU numerics; first losses equal DDP's) instead of FSDP's bf16 mixed precision throughout.
+    Measured slower: 0.711 (4 blocks per unit) and 0.813 (7) against 0.907 (``trainables.speed.shard_fsdp``)."""
 
 
 class DeepSpeedSpec(Strict):
@@ -628,7 +646,7 @@ def _semantic_problems(m) -> list[str]:
     if res is not None and res.workers > 1 and res.gpus != "auto" and res.gpus != int(res.gpus):
         out.append("`resources.gpus`: a multi-worker trial takes whole GPUs per worker")
     if res is not None and tr is not None and tr.strategy == "plain" and res.workers > 1:
-        out.append("`training.strategy`: plain runs one worker; use ddp or deepspeed with `resources.workers` > 1")
+        out.append("`training.strategy`: plain runs one worker; use ddp, fsdp or deepspeed with `resources.workers` > 1")
     return out
 
 

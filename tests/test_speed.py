@@ -42,9 +42,9 @@ def test_step_bench_smoke():
 
 
 @pytest.mark.slow  # ~55 s each: CI runs them in its slow pass
-@pytest.mark.parametrize("strategy", ["deepspeed", "ddp"])
+@pytest.mark.parametrize("strategy", ["deepspeed", "ddp", "fsdp"])
 def test_two_worker_trial(ray_session, write_manifest, tiny_qwen, strategy):
-    """A 2-worker (gloo) trial, DeepSpeed ZeRO-2 or DDP (``impl: blocks``, the default): every evaluation
+    """A 2-worker (gloo) trial, DeepSpeed ZeRO-2, DDP (``impl: blocks``, the default) or FSDP: every evaluation
     reaches Tune, the checkpoint verifies (under ZeRO-2 it holds both ranks' optimizer shards)."""
     import pyarrow.parquet as pq
     from pathlib import Path
@@ -134,6 +134,12 @@ def test_ddp_settings_reach_the_wrapper(tmp_path):
     assert resolved(TINY_QWEN, [])["training"]["ddp"]["bucket_cap_mb"] == 200
     with pytest.raises(UserError, match="comm_hook"):
         resolved(TINY_QWEN, ["training.ddp.impl=torch", "training.ddp.comm_hook=fp8"])
+    # training.fsdp: defaults as measured (benchmarks/results/gpu_2026-11-27.md), bad values named
+    assert resolved(TINY_QWEN, [])["training"]["fsdp"] == {"blocks_per_unit": 4, "fp32_root": False}
+    with pytest.raises(UserError, match="blocks_per_unit"):
+        resolved(TINY_QWEN, ["training.fsdp.blocks_per_unit=0"])
+    with pytest.raises(UserError, match="strategy"):
+        resolved(TINY_QWEN, ["training.strategy=zero3"])
 
     if not dist.is_initialized():
         dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
@@ -157,49 +163,94 @@ class _HP:
     lr, weight_decay, warmup_ratio, batch_size = 1e-2, 0.01, 0.0, 4
 
 
+def _net():
+    """Input layer, two repeated blocks (what FSDP shards one by one), output layer."""
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.out = nn.Linear(8, 16), nn.Linear(16, 1)
+            self.blocks = nn.ModuleList(nn.Linear(16, 16) for _ in range(2))
+
+        def forward(self, x):
+            h = nn.functional.gelu(self.inp(x))
+            for b in self.blocks:
+                h = h + nn.functional.gelu(b(h))
+            return self.out(h)
+
+    return Net()
+
+
 def _dp_run(rank, world, init, out, impl):
     """One rank of a 2-process gloo data-parallel run (or the 1-process reference when world == 1)."""
     import torch
     import torch.distributed as dist
-    from torch import nn
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     from trainables.speed import Stepper
 
-    if world > 1:
+    if world > 1 or impl == "fsdp":
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         torch.manual_seed(rank)  # ranks start different: the wrapper must hand out rank 0's weights
-        model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 1))
-        st = Stepper(_Fam, model, _HP, strategy="ddp" if world > 1 else "plain", device=torch.device("cpu"),
-                     precision="32-true", grad_clip=0.5, total_steps=4, world=world, ddp={"impl": impl})
+        model = _net()
+        strategy = "plain" if world == 1 else ("fsdp" if impl == "fsdp" else "ddp")
+        st = Stepper(_Fam, model, _HP, strategy=strategy, device=torch.device("cpu"),
+                     precision="32-true", grad_clip=0.5, total_steps=6, world=world,
+                     ddp={"impl": impl} if impl != "fsdp" else None, fsdp={"blocks_per_unit": 2} if impl == "fsdp" else None)
         if world > 1:
             assert (st.reducer is not None) == (impl == "blocks")
-        x = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(1))
+            assert st.fsdp == (impl == "fsdp")
+            if st.fsdp:
+                assert st.fsdp_units == 2  # the two blocks as one unit, and the rest
+        x = torch.randn(6, 8, 8, generator=torch.Generator().manual_seed(1))
         for step in range(4):
             st.step(x[step][rank::world])  # each rank its half of the step's batch
+        if impl == "fsdp":  # the optimizer state a checkpoint holds: gathered, then put back, then trained on
+            full = st.full_optimizer_state() if world > 1 else get_optimizer_state_dict(
+                st.loss_mod, st.opt, options=StateDictOptions(full_state_dict=True))
+            if rank == 0:
+                torch.save({f"{k}.{n}": v for n, s in full["state"].items() for k, v in s.items()}, out + ".opt")
+                torch.save(full, out + ".full")
+            dist.barrier()
+            if world > 1:  # wiped, so a load that does nothing shows
+                for state in st.opt.state.values():
+                    for v in state.values():
+                        v.zero_()
+                st.load_optimizer_state(torch.load(out + ".full", weights_only=True))
+            for step in range(4, 6):
+                st.step(x[step][rank::world])
         # and the averaged gradients themselves (AdamW with clipping hardly sees their scale)
         if st.reducer is not None:
             st.reducer.arm()
         st.fwd(x[0][rank::world]).backward()
         if st.reducer is not None:
             st.reducer.finish()
+        sd = st.full_state_dict()  # gathered from the shards under FSDP (every rank takes part)
+        grads = {f"grad.{n}": p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                 for n, p in model.named_parameters()}
         if rank == 0:
-            torch.save({**model.state_dict(), **{f"grad.{n}": p.grad for n, p in model.named_parameters()}}, out)
+            torch.save({**sd, **grads}, out)
     finally:
-        if world > 1:
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("impl", ["blocks", "torch"])
+@pytest.mark.parametrize("impl", ["blocks", "torch", "fsdp"])
 def test_two_process_data_parallel_matches_one_process(tmp_path, impl):
-    """training.ddp.impl: two gloo processes, each with half of every batch, end with the weights of one
-    process training on the whole batches (gradients averaged, clipping active, rank 0's start)."""
+    """training.ddp.impl and training.strategy fsdp: two gloo processes, each with half of every batch,
+    end with the weights of one process training on the whole batches (gradients averaged, clipping
+    active, rank 0's start). FSDP's gathered optimizer state matches the one process's too, and training
+    goes on the same after it has been loaded back (a resumed trial)."""
     import torch
     import torch.multiprocessing as tmp
 
-    _dp_run(0, 1, None, str(tmp_path / "one.pt"), impl)
+    _dp_run(0, 1, f"file://{tmp_path}/pg1", str(tmp_path / "one.pt"), impl)
     tmp.spawn(_dp_run, args=(2, f"file://{tmp_path}/pg", str(tmp_path / "two.pt"), impl), nprocs=2)
-    one, two = (torch.load(tmp_path / f, weights_only=True) for f in ("one.pt", "two.pt"))
-    assert one.keys() == two.keys()
-    for k in one:
-        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6)
+    files = [("one.pt", "two.pt")] + ([("one.pt.opt", "two.pt.opt")] if impl == "fsdp" else [])
+    for f1, f2 in files:
+        one, two = (torch.load(tmp_path / f, weights_only=True) for f in (f1, f2))
+        assert one.keys() == two.keys() and one
+        for k in one:
+            torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6)

@@ -1,4 +1,4 @@
-"""The fast training path for GPU trials: plain PyTorch on one GPU, DDP or DeepSpeed on several.
+"""The fast training path for GPU trials: plain PyTorch on one GPU, DDP, FSDP2 or DeepSpeed on several.
 
 Chosen by ``training.strategy`` (``auto``: this path whenever a trial asks for GPUs and CUDA is
 there; the Lightning loop otherwise, so CPU trials and tests keep their behaviour). What makes it
@@ -57,12 +57,12 @@ def wants_fast_path(m: dict) -> bool:
 
 
 def resolve_strategy(m: dict) -> str:
-    """plain | ddp | deepspeed. One worker: plain PyTorch unless DeepSpeed is asked for by name
-    (measured faster: benchmarks/results); several: DeepSpeed unless ``ddp`` is named."""
+    """plain | ddp | fsdp | deepspeed. One worker: plain PyTorch unless DeepSpeed is asked for by name
+    (measured faster: benchmarks/results); several: DeepSpeed unless ``ddp`` or ``fsdp`` is named."""
     s = m["training"].get("strategy", "auto")
     if m["resources"]["workers"] <= 1:
         return "deepspeed" if s == "deepspeed" else "plain"
-    return "ddp" if s == "ddp" else "deepspeed"
+    return s if s in ("ddp", "fsdp") else "deepspeed"
 
 
 def ds_settings(m: dict) -> dict:
@@ -94,9 +94,11 @@ def repeated_blocks(model: nn.Module) -> nn.ModuleList | None:
     return best[1] if best else None
 
 
-def compile_blocks(model: nn.Module) -> int:
+def compile_blocks(model: nn.Module, *, hooks_outside: bool = False) -> int:
     """Regional compilation: each repeated block compiled in place (one graph reused by all,
-    seconds instead of minutes, state_dict keys unchanged)."""
+    seconds instead of minutes, state_dict keys unchanged). ``hooks_outside``: only each block's
+    ``forward`` is compiled, so module hooks added later (FSDP's gathers and reductions) run
+    around the graph rather than inside it."""
     import torch._dynamo
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -105,7 +107,10 @@ def compile_blocks(model: nn.Module) -> int:
         model.compile()
         return 1
     for b in blocks:
-        b.compile()
+        if hooks_outside:
+            b.forward = torch.compile(b.forward)
+        else:
+            b.compile()
     return len(blocks)
 
 
@@ -340,6 +345,53 @@ def block_groups(named_params: list[tuple[str, nn.Parameter]]) -> list[list[nn.P
     return list(groups.values())
 
 
+def broadcast_from_rank0(module: nn.Module) -> None:
+    """Every rank starts from rank 0's weights and buffers, as DDP's constructor does."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src=0)
+
+
+def shard_fsdp(root: nn.Module, model: nn.Module, bf16: bool, blocks_per_unit: int = 1,
+               fp32_root: bool = False) -> int:
+    """ZeRO-3 sharding with FSDP2 (``training.strategy: fsdp``): each run of ``blocks_per_unit``
+    repeated blocks is one ``fully_shard`` unit (its weights all-gathered just before its forward and
+    again before its backward, its gradients reduce-scattered as soon as its backward is done, with the
+    next unit's gather prefetched), then ``root`` (the ``LossModule`` whose forward the step calls: the
+    families call ``model.backbone`` and ``model.head`` directly, not ``model``) for what is left
+    (embeddings, final norm, head: gathered for the whole forward and backward). Each rank keeps
+    1/world of the fp32 weights, gradients and AdamW state.
+
+    bf16: FSDP's mixed precision. The weights are gathered in bf16 and the gradients reduced in fp32,
+    with the fp32 master weights in the optimizer; the residual stream is bf16. Qwen2.5-1.5B's loss
+    over 14 steps on the same batch: 8.132 at the first step against 8.112 for DDP under autocast,
+    then within the spread of DDP's own runs (benchmarks/results/gpu_2026-11-27.md). ``fp32_root``:
+    the root's weights stay fp32 and the blocks' inputs are not cast, so the residual stream stays
+    fp32 under autocast as on one GPU (the first steps' losses equal DDP's); measured slower on
+    2×H200: 0.711 against 0.907 of twice the one-GPU product at 4 blocks per unit.
+
+    Blocks compiled beforehand (``compile_blocks(hooks_outside=True)``) stay compiled, FSDP's hooks
+    running around the graphs. Call after ``broadcast_from_rank0`` and before building the optimizer."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if not bf16:
+        mp = root_mp = MixedPrecisionPolicy()
+    elif fp32_root:
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+        root_mp = MixedPrecisionPolicy(cast_forward_inputs=False)
+    else:
+        mp = root_mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    blocks = list(repeated_blocks(model) or ())
+    units = [blocks[i:i + blocks_per_unit] for i in range(0, len(blocks), blocks_per_unit)]
+    for j, u in enumerate(units):
+        # the last unit's backward comes right after its forward: its weights stay gathered in between
+        fully_shard(u if len(u) > 1 else u[0], mp_policy=mp, reshard_after_forward=j < len(units) - 1)
+    fully_shard(root, mp_policy=root_mp)
+    return len(units) + 1
+
+
 class BlockHooks:
     """Gradient hooks per block (``block_groups``): ``on_block(gi)`` runs once a step, when the last
     gradient of block ``gi`` has been accumulated. ``arm()`` before a step's backward; gradients
@@ -393,9 +445,7 @@ class BlockAllReduce:
         self.dist, self.world, self.coalesced = dist, world, _coalescing_manager
         self.avg = dist.get_backend() == "nccl"
         self.op = dist.ReduceOp.AVG if self.avg else dist.ReduceOp.SUM
-        with torch.no_grad():  # every rank starts from rank 0's weights, as DDP's constructor does
-            for t in list(module.parameters()) + list(module.buffers()):
-                dist.broadcast(t.data, src=0)
+        broadcast_from_rank0(module)
         self.done = [False] * len(self.groups)
         self.pending: list = []
 
@@ -490,8 +540,8 @@ class Stepper:
 
     def __init__(self, family, model: nn.Module, hp, *, strategy: str, device: torch.device, precision: str,
                  grad_clip: float, total_steps: int, step_offset: int = 0, compile_: bool = False,
-                 ds: dict | None = None, world: int = 1, ddp: dict | None = None):
-        from sweeper.manifest import DDPSpec
+                 ds: dict | None = None, world: int = 1, ddp: dict | None = None, fsdp: dict | None = None):
+        from sweeper.manifest import DDPSpec, FSDPSpec
 
         from .base import cosine_with_warmup
 
@@ -503,7 +553,8 @@ class Stepper:
             raise UserError(f"training.precision {precision!r}: the fast path takes bf16 or fp32 "
                             "(use training.strategy: lightning for fp16)")
         self.grad_clip = float(grad_clip or 0.0)
-        self.compiled = compile_blocks(model) if compile_ else 0
+        self.fsdp = strategy == "fsdp" and world > 1
+        self.compiled = compile_blocks(model, hooks_outside=self.fsdp) if compile_ else 0
         on_cuda = device.type == "cuda"
         self.ds = ds or {}
         self.stage = int(self.ds.get("stage", 2)) if strategy == "deepspeed" else None
@@ -513,6 +564,11 @@ class Stepper:
         self.loss_mod = LossModule(family, model, hp, torch.bfloat16 if (strategy == "deepspeed" and self.bf16) else None)
         offload_opt = strategy == "deepspeed" and self.ds.get("offload_optimizer")
         self.fused_opt = bool(on_cuda and not offload_opt)
+        if self.fsdp:  # the weights become DTensor shards: before the optimizer is built over them
+            self.loss_mod.to(device)
+            broadcast_from_rank0(self.loss_mod)
+            spec = FSDPSpec(**(fsdp or {}))
+            self.fsdp_units = shard_fsdp(self.loss_mod, model, self.bf16, spec.blocks_per_unit, spec.fp32_root)
         self.opt = torch.optim.AdamW(param_groups(model, hp.weight_decay), lr=hp.lr, betas=(0.9, 0.95),
                                      fused=self.fused_opt or None)
         sched_fn = cosine_with_warmup(max(1, total_steps), hp.warmup_ratio)
@@ -548,7 +604,8 @@ class Stepper:
         self.params = [p for p in model.parameters() if p.requires_grad]
         # the clip norm summed during the backward (one process, fused AdamW: see EarlyNorm)
         self.early_norm = (EarlyNorm([(n, p) for n, p in model.named_parameters() if p.requires_grad], device)
-                           if (self.grad_clip and self.fused_opt and self.fwd is self.loss_mod and self.reducer is None)
+                           if (self.grad_clip and self.fused_opt and self.fwd is self.loss_mod and self.reducer is None
+                               and not self.fsdp)
                            else None)
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if (self.bf16 and self.engine is None)
                          else contextlib.nullcontext())
@@ -573,6 +630,8 @@ class Stepper:
             if not grads:
                 return
             norm = nn.utils.get_total_norm(grads, foreach=True)
+            if hasattr(norm, "full_tensor"):  # FSDP: the norm of this rank's shards, summed over ranks
+                norm = norm.full_tensor()
         # clip_grad_norm_: grads *= min(1, max_norm / (norm + 1e-6)); here: grads /= max(1, (norm + 1e-6) / max_norm)
         self.opt.grad_scale = torch.clamp((norm.float() + 1e-6) / self.grad_clip, min=1.0)
 
@@ -626,12 +685,16 @@ class Stepper:
         m = self.inner
         m.eval()
         outs = []
+        if self.fsdp:  # eval calls the model, not the LossModule whose hook gathers the non-block weights
+            self.loss_mod.unshard()
         try:
             for batch in loader:
                 with self.autocast:
                     outs.append(self.family.eval_batch(m, self.loss_mod.cast(batch)))
         finally:
             m.train()
+            if self.fsdp:
+                self.loss_mod.reshard()
         if not outs:
             return {}
         out = {}
@@ -642,7 +705,12 @@ class Stepper:
 
     # -------------------------------------------------------------- checkpoints
     def full_state_dict(self) -> dict | None:
-        """The model's weights on CPU, on rank 0 (a collective under ZeRO-3: every rank calls it)."""
+        """The model's weights on CPU, on rank 0 (a collective under ZeRO-3 and FSDP: every rank calls it)."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            sd = get_model_state_dict(self.loss_mod, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return {k[len("model."):]: v for k, v in sd.items()} or None
         if self.engine is not None and self.stage == 3:
             sd = self.engine._zero3_consolidated_16bit_state_dict()
             if sd is None:
@@ -650,6 +718,29 @@ class Stepper:
             prefix = "model."
             return {k[len(prefix):]: v.detach().cpu() for k, v in sd.items() if k.startswith(prefix)}
         return {k: v.detach().cpu() for k, v in self.inner.state_dict().items()}
+
+    def full_optimizer_state(self) -> dict | None:
+        """The optimizer state for a sweeper checkpoint, on rank 0 (a collective under FSDP: every rank
+        calls it). FSDP's is keyed by parameter name (``get_optimizer_state_dict``), gathered from the
+        shards; DeepSpeed keeps its own (``save_engine``): None."""
+        if self.engine is not None:
+            return None
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            return get_optimizer_state_dict(self.loss_mod, self.opt,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True)) or None
+        return self.opt.state_dict()
+
+    def load_optimizer_state(self, state: dict) -> None:
+        """The counterpart of ``full_optimizer_state`` (every rank reads the same checkpoint)."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.loss_mod, self.opt, optim_state_dict=state,
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.opt.load_state_dict(state)
 
     def save_engine(self, ck_dir: str) -> None:
         """DeepSpeed's own sharded checkpoint (every rank writes its partition)."""
@@ -765,7 +856,12 @@ def prepare(config: dict, spec, reporter=None, *, use_ray_train: bool = False) -
             loaded = ckpt_mod.load_checkpoint(best)
             if not (strategy == "deepspeed" and (Path(best) / DS_DIR).is_dir()):
                 model.load_state_dict(loaded.model_state)
-                opt_state = loaded.optimizer_state
+                # optimizer state keyed by name (fsdp) or by position (plain, ddp): only into its own kind
+                if (loaded.state.get("strategy") == "fsdp") == (strategy == "fsdp" and world > 1):
+                    opt_state = loaded.optimizer_state
+                elif loaded.optimizer_state:
+                    log.info("checkpoint %s is from strategy %s: weights only, the optimizer starts afresh",
+                             best, loaded.state.get("strategy"))
             start_epoch = int(loaded.state.get("epoch", 0))
             resumed = str(best)
 
@@ -783,13 +879,14 @@ def prepare(config: dict, spec, reporter=None, *, use_ray_train: bool = False) -
     clip = (hp.grad_clip if hp.grad_clip is not None else training["grad_clip"]) or 0.0
     stepper = Stepper(family, model, hp, strategy=strategy, device=device, precision=precision, grad_clip=clip,
                       total_steps=steps_per_epoch * max_epochs, step_offset=steps_per_epoch * start_epoch,
-                      compile_=compile_, ds=ds, world=world, ddp=m["training"].get("ddp"))
+                      compile_=compile_, ds=ds, world=world, ddp=m["training"].get("ddp"),
+                      fsdp=m["training"].get("fsdp"))
     if resumed and strategy == "deepspeed":
         if not stepper.load_engine(resumed):  # a checkpoint from another strategy: weights only
             stepper.inner.load_state_dict({k: v for k, v in ckpt_mod.load_checkpoint(resumed).model_state.items()},
                                           strict=False)
     elif opt_state is not None:
-        stepper.opt.load_state_dict(opt_state)
+        stepper.load_optimizer_state(opt_state)
         for g in stepper.opt.param_groups:
             g["lr"] = hp.lr
     if resumed:
@@ -873,9 +970,9 @@ def run_trial(config: dict, spec, reporter, *, use_ray_train: bool = False) -> d
             ck = os.path.join(tmp, "ckpt")
             wrote = False
             if due:
-                sd = st.full_state_dict()  # collective under ZeRO-3
+                sd = st.full_state_dict()  # collective under ZeRO-3 and FSDP
+                opt = st.full_optimizer_state()  # collective under FSDP
                 if p.rank == 0:
-                    opt = st.opt.state_dict() if st.engine is None else None
                     ckpt_mod.write_checkpoint(ck, sd, opt, {
                         "epoch": epoch, "global_step": epoch * p.steps_per_epoch, "metrics": metrics,
                         "trainable": p.family.info.name, "phase": spec.phase, "seed": p.seed, "config": config,
