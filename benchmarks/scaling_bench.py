@@ -56,15 +56,14 @@ def worker(cfg):
         import gzip
         import shutil
 
-        from torch.profiler import ProfilerActivity, profile
+        from benchmarks.step_bench import profiled
 
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-        with (profile(activities=acts) if p.rank == 0 else contextlib.nullcontext()) as prof:
+        prof_ctx, key = profiled(dev)
+        with (prof_ctx if p.rank == 0 else contextlib.nullcontext()) as prof:
             for _ in range(3):
                 st.step(batch)
             sync()
         if p.rank == 0:
-            key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
             Path(cfg["profile"] + ".txt").write_text(
                 prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70))
             raw = cfg["profile"] + ".trace.json"

@@ -51,24 +51,29 @@ def _time(fn, dev, warmup, steps):
     return (time.perf_counter() - t) / steps
 
 
+def profiled(dev):
+    """torch.profiler over CPU (and CUDA on a GPU), and the column its tables sort by: device time on a GPU,
+    CPU time on a CPU. Shared with scaling_bench.py."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    return profile(activities=acts), ("self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total")
+
+
 def _profile(fn, dev, warmup, steps, path, info):
     """What a product step spends its time on: the profiler's top operators by device time (CPU time on a
     CPU). The table's last line ("Self CUDA time total") against ``wall_s`` gives the GPU-busy share (idle
     gaps = host stalls)."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
     for _ in range(warmup):
         fn()
     _sync(dev)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    prof_ctx, key = profiled(dev)
     t = time.perf_counter()
-    with profile(activities=acts) as prof:
+    with prof_ctx as prof:
         for _ in range(steps):
             fn()
         _sync(dev)
     wall = time.perf_counter() - t
-    key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
     head = dict(info, mode="profile", steps=steps, wall_s=round(wall, 4))
     with open(path, "w") as fh:
