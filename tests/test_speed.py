@@ -4,6 +4,7 @@ checkpoints carry ZeRO state and a restarted trial resumes from them, the benchm
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -149,6 +150,10 @@ def test_ddp_settings_reach_the_wrapper(tmp_path):
         assert isinstance(st.fwd, nn.parallel.DistributedDataParallel)
         assert st.fwd.bucket_bytes_cap == 7 * 1024 * 1024
         st.step(torch.randn(4, 8))
+        del st
+        # The GIL let go a moment: gloo's worker thread drops its last collective (which needs the GIL) before
+        # the group's destructor joins that thread while holding the GIL (see _dp_run's end).
+        time.sleep(0.2)
     finally:
         dist.destroy_process_group()
 
@@ -235,6 +240,13 @@ def _dp_run(rank, world, init, out, impl):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if world > 1:
+        # A spawned rank that got here has written what it had to: it leaves without running destructors.
+        # torch's ProcessGroupGloo destructor (run when the DDP Reducer holding the group is freed, as this
+        # frame unwinds) joins the group's worker thread while holding the GIL, and that thread may still need
+        # the GIL to drop the last collective's Python thread-local state: a deadlock, about 1 run in 10 on
+        # 2 cores (py-spy --native: ~ProcessGroupGloo -> thread::join vs ~AsyncWork -> gil_scoped_acquire).
+        os._exit(0)
 
 
 @pytest.mark.parametrize("impl", ["blocks", "torch", "fsdp"])
