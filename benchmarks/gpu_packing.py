@@ -182,6 +182,9 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=None, help="packed/unpacked sweep size (default 16; smoke 4)")
     ap.add_argument("--memory-trials", type=int, default=None, help="memory-return check (default 50; smoke 6)")
     ap.add_argument("--date", default=datetime.date.today().isoformat())
+    ap.add_argument("--n-train", type=int, default=None,
+                    help="training rows per epoch (default 4096: ~4.4 s an epoch at 0.25 of an H100; longer trials weigh "
+                         "the fixed start-up less)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: packed,whole,auto,memory")
     args = ap.parse_args()
     out = Path(args.out)
@@ -206,6 +209,8 @@ def main() -> int:
     root = tempfile.mkdtemp(prefix="gpu-packing-")
     base = base_manifest(root, smoke=args.smoke)
     base["search"]["num_samples"] = n
+    if args.n_train:
+        base["data"]["generator"]["n_train"] = args.n_train
     frac, whole = (0.25, 1.0) if n_gpus else (0, 0)
     if args.smoke:  # CPU: 4 "slots" of 0.5 CPU stand in for 4 trials per GPU, 1 CPU for 1 per GPU
         base["resources"]["cpus"] = 0.5

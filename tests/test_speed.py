@@ -31,6 +31,49 @@ def test_plain_and_deepspeed_match_and_resume(tmp_path):
     assert [r["epoch"] for r in ds.reports] == [1, 2, 3]
 
 
+class _KeepOutputs:
+    """A family that hands ``metrics`` through unchanged and keeps what it was given."""
+
+    def __init__(self, family):
+        self.family, self.outs = family, []
+
+    def __getattr__(self, k):
+        return getattr(self.family, k)
+
+    def metrics(self, out, splits):
+        self.outs.append(out)
+        return self.family.metrics(out, splits)
+
+
+def test_eval_batches_by_length_keep_the_split_order():
+    """Evaluation batches come sorted by length (less padding, fewer masks); the metrics still get every
+    row in the split's order, each with the prediction it gets in the split-order batches."""
+    import torch
+
+    from trainables import speed
+
+    m = _m("plain")
+    m["data"]["max_length"] = 128  # rows of different lengths (at the tiny default of 32 all are cut to 32)
+    p = speed.prepare({"lr": 3e-3, "batch_size": 16}, TrialSpec(manifest=m), None)
+    ds = p.splits.get("val_select", "select")
+    lengths = [len(x) for x in ds.ids]
+    loader = p.eval_loader(5)
+    assert loader.order is not None and len(set(lengths)) > 1  # else this shows nothing
+    assert [lengths[i] for i in loader.order] == sorted(lengths)
+    for batch in list(p.train_loader(1))[:3]:
+        p.stepper.step(batch)  # off the label-mean start, so the rows' predictions differ
+    p.stepper.family = keep = _KeepOutputs(p.stepper.family)
+    by_length = p.stepper.evaluate(loader, p.splits)
+    split_order = p.stepper.evaluate(p.eval_loader(5, by_length=False), p.splits)
+    (a, b) = keep.outs
+    torch.testing.assert_close(a["target"], ds.labels, rtol=0, atol=0)
+    assert a["pred"].std(0).min() > 0
+    torch.testing.assert_close(a["pred"], b["pred"], rtol=1e-4, atol=1e-5)
+    assert by_length.keys() == split_order.keys()
+    for k in by_length:
+        assert by_length[k] == pytest.approx(split_order[k], rel=1e-4)
+
+
 def test_step_bench_smoke():
     import sys
 

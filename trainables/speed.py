@@ -205,6 +205,8 @@ class Prefetcher:
     """Iterates batches made on a background thread (collate + pin), each copied to the device on a
     side stream one step ahead of its use."""
 
+    order: list[int] | None = None  # the rows' order across the batches, when it is not the dataset's
+
     def __init__(self, collate, batches: list[list[int]], device: torch.device, depth: int = 4):
         self.collate, self.batches, self.device, self.depth = collate, batches, device, depth
         self.cuda = device.type == "cuda"
@@ -697,10 +699,13 @@ class Stepper:
                 self.loss_mod.reshard()
         if not outs:
             return {}
+        order = getattr(loader, "order", None)
+        back = None if order is None else torch.argsort(torch.as_tensor(order))  # row i of the split is t[back[i]]
         out = {}
         for k in outs[0]:
             t = torch.cat([o[k] for o in outs])
-            out[k] = (t.float() if t.is_floating_point() else t).cpu()
+            t = (t.float() if t.is_floating_point() else t).cpu()
+            out[k] = t if back is None else t[back]
         return self.family.metrics(out, splits)
 
     # -------------------------------------------------------------- checkpoints
@@ -781,10 +786,18 @@ class Prepared:
                           world=self.world, drop_last=True, lengths=lengths)
         return Prefetcher(collate, b, self.device)
 
-    def eval_loader(self, batch_size: int) -> Prefetcher:
+    def eval_loader(self, batch_size: int, *, by_length: bool = True) -> Prefetcher:
+        """The selection split's batches. Token data comes sorted by length (``by_length``), so a batch
+        pads only to its own longest row and most batches need no attention mask at all; ``evaluate``
+        puts the outputs back in the split's order (``Prefetcher.order``) before the metrics."""
         ds = self.splits.get("val_select", "select")
-        collate, _ = make_collate(self.family, ds)
-        return Prefetcher(collate, index_batches(len(ds), batch_size, shuffle=False, seed=0), self.device)
+        collate, lengths = make_collate(self.family, ds)
+        order = list(range(len(ds)))
+        if by_length and lengths is not None:
+            order.sort(key=lambda i: lengths[i])
+        loader = Prefetcher(collate, [order[s:s + batch_size] for s in range(0, len(order), batch_size)], self.device)
+        loader.order = order if order != sorted(order) else None
+        return loader
 
 
 def _dist_info(use_ray_train: bool) -> tuple[int, int, int]:
