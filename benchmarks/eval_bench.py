@@ -1,13 +1,15 @@
-"""Evaluation cost on the fast path: the selection split in the split's order (the old loader) against
-the same rows sorted by length (``Prepared.eval_loader``'s default), timed side by side in one process.
+"""Evaluation cost on the fast path, three ways timed side by side in one process: the selection split in
+its own order with the padding mask passed into the backbone's attention (the code before 2026-11-27), the
+rows sorted by length (``Prepared.eval_loader``'s default) with that mask, and sorted with causal
+attention only (the Qwen family's forward now: right padding, so no real token sees a pad).
 
     python benchmarks/eval_bench.py                     # issue 7's packing workload (Qwen "small", 512 rows)
     python benchmarks/eval_bench.py --rounds 7 --out benchmarks/results/eval_<date>_<device>.json
 
 The model, data and batch size are those of ``benchmarks/gpu_packing.py`` (the 16-trial 0.25-GPU sweep),
-built by ``trainables.speed.prepare``, the code a trial runs. Rounds alternate the two loaders, the median
-of each is kept, and the metrics of both orders are compared (they must agree: ``evaluate`` puts the
-sorted rows back in the split's order). Prints the padded-token share and the mask-free batches of each.
+built by ``trainables.speed.prepare``, the code a trial runs. Rounds alternate the variants, the median
+of each is kept, and their metrics are compared (they must agree: ``evaluate`` puts the sorted rows back
+in the split's order). Prints the padded-token share and the batches with no padding of each.
 """
 
 from __future__ import annotations
@@ -64,38 +66,49 @@ def main(argv=None) -> int:
             st.step(batch)
         dev = p.device
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-        loaders = {"split order": lambda: p.eval_loader(bs, by_length=False),
-                   "by length": lambda: p.eval_loader(bs)}
-        times: dict[str, list[float]] = {k: [] for k in loaders}
+        # (name, rows sorted by length, padding mask passed into the backbone's attention)
+        variants = [("split order, mask in attention (before)", False, True),
+                    ("by length, mask in attention", True, True),
+                    ("by length, causal only (now)", True, False)]
+        times: dict[str, list[float]] = {k: [] for k, _, _ in variants}
         metrics = {}
-        for k, make in loaders.items():  # warm-up, and the metrics each order gives
-            metrics[k] = st.evaluate(make(), p.splits)
+
+        def evaluate(by_length: bool, mask_attention: bool) -> dict:
+            st.inner.mask_attention = mask_attention
+            return st.evaluate(p.eval_loader(bs, by_length=by_length), p.splits)
+
+        for k, by_length, mask_attention in variants:  # warm-up, and the metrics each variant gives
+            metrics[k] = evaluate(by_length, mask_attention)
         for _ in range(a.rounds):
-            for k, make in loaders.items():
+            for k, by_length, mask_attention in variants:
                 sync()
                 t = time.perf_counter()
-                st.evaluate(make(), p.splits)
+                evaluate(by_length, mask_attention)
                 sync()
                 times[k].append(time.perf_counter() - t)
+        st.inner.mask_attention = False
         n = len(p.splits.get("val_select", "select"))
         rows = {}
-        for k, make in loaders.items():
-            pad, unmasked = padding(make())
+        for k, by_length, mask_attention in variants:
+            pad, unmasked = padding(p.eval_loader(bs, by_length=by_length))
             rows[k] = {"median_s": statistics.median(times[k]), "times_s": times[k], "padded_share": pad,
-                       "batches": len(make().batches), "unmasked_batches": unmasked}
-        a_, b_ = metrics["split order"], metrics["by length"]
-        worst = max(abs(a_[k] - b_[k]) / max(abs(a_[k]), 1e-12) for k in a_)
-        ratio = rows["by length"]["median_s"] / rows["split order"]["median_s"]
+                       "batches": len(p.eval_loader(bs).batches), "unmasked_batches": unmasked,
+                       "by_length": by_length, "mask_attention": mask_attention}
+        base = variants[0][0]
+        worst = max(abs(metrics[base][k] - metrics[v][k]) / max(abs(metrics[base][k]), 1e-12)
+                    for k in metrics[base] for v, _, _ in variants)
+        ratios = {k: rows[k]["median_s"] / rows[base]["median_s"] for k in rows}
         device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
         for k, r in rows.items():
-            print(f"{k:12s} {r['median_s'] * 1e3:8.1f} ms per evaluation of {n} rows  padded tokens "
-                  f"{r['padded_share']:.1%}  mask-free batches {r['unmasked_batches']}/{r['batches']}")
-        print(f"by length / split order = {ratio:.3f}   metrics: largest relative difference {worst:.2e}  ({device})")
+            print(f"{k:42s} {r['median_s'] * 1e3:8.1f} ms per evaluation of {n} rows ({ratios[k]:.3f} of the first)  "
+                  f"padded tokens {r['padded_share']:.1%}  batches with no padding {r['unmasked_batches']}/{r['batches']}")
+        print(f"metrics: largest relative difference from the first {worst:.2e}  ({device})")
+        ratio = ratios[variants[-1][0]]
         if a.out:
             Path(a.out).write_text(json.dumps({
                 "date": datetime.date.today().isoformat(), "device": device, "torch": torch.__version__,
                 "rows": n, "eval_batch_size": bs, "rounds": a.rounds, "loaders": rows, "ratio": ratio,
-                "metrics": metrics, "metric_rel_diff_max": worst}, indent=1))
+                "ratios": ratios, "metrics": metrics, "metric_rel_diff_max": worst}, indent=1))
         return 0 if worst < 1e-3 else 1
 
 

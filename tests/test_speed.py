@@ -46,8 +46,9 @@ class _KeepOutputs:
 
 
 def test_eval_batches_by_length_keep_the_split_order():
-    """Evaluation batches come sorted by length (less padding, fewer masks); the metrics still get every
-    row in the split's order, each with the prediction it gets in the split-order batches."""
+    """Evaluation batches come sorted by length (less padding); the metrics still get every row in the
+    split's order, each with the prediction it gets in the split-order batches, and the same prediction
+    as when the padding mask is passed into the backbone's attention."""
     import torch
 
     from trainables import speed
@@ -65,10 +66,15 @@ def test_eval_batches_by_length_keep_the_split_order():
     p.stepper.family = keep = _KeepOutputs(p.stepper.family)
     by_length = p.stepper.evaluate(loader, p.splits)
     split_order = p.stepper.evaluate(p.eval_loader(5, by_length=False), p.splits)
-    (a, b) = keep.outs
+    # the backbone gets no attention mask (right padding, causal attention): the same as passing the mask in
+    p.stepper.inner.mask_attention = True
+    masked = p.stepper.evaluate(p.eval_loader(5, by_length=False), p.splits)
+    (a, b, c) = keep.outs
     torch.testing.assert_close(a["target"], ds.labels, rtol=0, atol=0)
     assert a["pred"].std(0).min() > 0
     torch.testing.assert_close(a["pred"], b["pred"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(c["pred"], b["pred"], rtol=1e-4, atol=1e-5)
+    assert masked["val_mae"] == pytest.approx(split_order["val_mae"], rel=1e-4)
     assert by_length.keys() == split_order.keys()
     for k in by_length:
         assert by_length[k] == pytest.approx(split_order[k], rel=1e-4)
