@@ -788,8 +788,9 @@ class Prepared:
 
     def eval_loader(self, batch_size: int, *, by_length: bool = True) -> Prefetcher:
         """The selection split's batches. Token data comes sorted by length (``by_length``), so a batch
-        pads only to its own longest row and most batches need no attention mask at all; ``evaluate``
-        puts the outputs back in the split's order (``Prefetcher.order``) before the metrics."""
+        pads only to its own longest row (4.8 % of the tokens against 26.4 % in the split's order, on
+        the packing sweep's data); ``evaluate`` puts the outputs back in the split's order
+        (``Prefetcher.order``) before the metrics."""
         ds = self.splits.get("val_select", "select")
         collate, lengths = make_collate(self.family, ds)
         order = list(range(len(ds)))
