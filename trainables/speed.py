@@ -205,8 +205,6 @@ class Prefetcher:
     """Iterates batches made on a background thread (collate + pin), each copied to the device on a
     side stream one step ahead of its use."""
 
-    order: list[int] | None = None  # the rows' order across the batches, when it is not the dataset's
-
     def __init__(self, collate, batches: list[list[int]], device: torch.device, depth: int = 4):
         self.collate, self.batches, self.device, self.depth = collate, batches, device, depth
         self.cuda = device.type == "cuda"
@@ -699,8 +697,8 @@ class Stepper:
                 self.loss_mod.reshard()
         if not outs:
             return {}
-        order = getattr(loader, "order", None)
-        back = None if order is None else torch.argsort(torch.as_tensor(order))  # row i of the split is t[back[i]]
+        rows = [i for b in getattr(loader, "batches", ()) for i in b]  # the split's rows in the order evaluated
+        back = torch.argsort(torch.as_tensor(rows)) if rows else None  # row i of the split is t[back[i]]
         out = {}
         for k in outs[0]:
             t = torch.cat([o[k] for o in outs])
@@ -789,16 +787,14 @@ class Prepared:
     def eval_loader(self, batch_size: int, *, by_length: bool = True) -> Prefetcher:
         """The selection split's batches. Token data comes sorted by length (``by_length``), so a batch
         pads only to its own longest row (4.8 % of the tokens against 26.4 % in the split's order, on
-        the packing sweep's data); ``evaluate`` puts the outputs back in the split's order
-        (``Prefetcher.order``) before the metrics."""
+        the packing sweep's data); ``evaluate`` puts the outputs back in the split's order (from the
+        batches' index lists) before the metrics."""
         ds = self.splits.get("val_select", "select")
         collate, lengths = make_collate(self.family, ds)
         order = list(range(len(ds)))
         if by_length and lengths is not None:
-            order.sort(key=lambda i: lengths[i])
-        loader = Prefetcher(collate, [order[s:s + batch_size] for s in range(0, len(order), batch_size)], self.device)
-        loader.order = order if order != sorted(order) else None
-        return loader
+            order.sort(key=lengths.__getitem__)
+        return Prefetcher(collate, [order[s:s + batch_size] for s in range(0, len(order), batch_size)], self.device)
 
 
 def _dist_info(use_ray_train: bool) -> tuple[int, int, int]:
