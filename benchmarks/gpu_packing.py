@@ -105,19 +105,33 @@ def run(m: dict, tag: str, scheduled) -> dict:
             scheduled.seen[trial_id] = min(scheduled.seen.get(trial_id, now), now)
         return out
 
+    orig_fit = tune.Tuner.fit
+    fits: list[tuple[float, float]] = []
+
+    def timed_fit(self, *a, **k):  # where the sweep's wall goes outside Tune: before and after its fit
+        t0 = time.perf_counter()
+        try:
+            return orig_fit(self, *a, **k)
+        finally:
+            fits.append((t0, time.perf_counter()))
+
     tune.RunConfig.__init__ = with_cb
     OptunaSearch.suggest = timed_suggest
+    tune.Tuner.fit = timed_fit
     try:
         t = time.perf_counter()
         sweep_dir, rows = runner.run_sweep(loaded, quiet=True, dashboard=False)
-        wall = time.perf_counter() - t
+        end = time.perf_counter()
+        wall = end - t
     finally:
         tune.RunConfig.__init__ = orig
         OptunaSearch.suggest = orig_suggest
+        tune.Tuner.fit = orig_fit
     from sweeper import results
 
     mrows = results.read_rows(sweep_dir / "sweep" / results.METRICS)
-    return {"sweep_dir": str(sweep_dir), "wall_s": wall, "rows": rows, "metrics": mrows}
+    return {"sweep_dir": str(sweep_dir), "wall_s": wall, "rows": rows, "metrics": mrows,
+            "before_fit_s": fits[0][0] - t if fits else None, "after_fit_s": end - fits[-1][1] if fits else None}
 
 
 def first_steps(sweep_dir: str) -> dict[str, float]:
@@ -151,6 +165,8 @@ def packed_figures(res: dict, gpus_per_trial: float, n_gpus: int, seen: dict) ->
         "trials_per_hour": len(rows) / res["wall_s"] * 3600,
         "actors": len({r.get("worker_pid") for r in rows}),
         "cost_parts_s": {c: sum(r[c] for r in rows) for c in ("startup_s", "train_s", "eval_s", "ckpt_s", "idle_s")},
+        # the driver's own time in run_sweep before Tune's fit starts and after it returns (every slot waits)
+        "before_fit_s": res.get("before_fit_s"), "after_fit_s": res.get("after_fit_s"),
     }
 
 

@@ -31,6 +31,78 @@ def test_plain_and_deepspeed_match_and_resume(tmp_path):
     assert [r["epoch"] for r in ds.reports] == [1, 2, 3]
 
 
+
+def test_overlapped_optimizer_trains_the_same_trial(tmp_path):
+    """training.overlap_optimizer: a Qwen trial whose AdamW is stepped block by block (OverlappedStep,
+    here without a CUDA stream) reports exactly what the one-call optimizer step reports, and its
+    checkpoint resumes a run without it."""
+    cfg = {"lr": 3e-3, "batch_size": 16}
+    runs = {}
+    for ov in ("false", "true"):
+        r = ListReporter(str(tmp_path / ov))
+        train_loop(cfg, TrialSpec(manifest=resolved(TINY_QWEN, [
+            "training.max_epochs=2", "scheduler.max_t=2", "training.strategy=plain", "training.precision=fp32",
+            f"training.overlap_optimizer={ov}"])), r)
+        runs[ov] = r
+    assert [r["epoch"] for r in runs["true"].reports] == [1, 2]
+    for key in ("val_mae", "train_loss"):
+        assert [r[key] for r in runs["true"].reports] == [r[key] for r in runs["false"].reports]
+    # the overlapped run's checkpoint (one optimizer's state_dict) resumes a run without the overlap
+    ours = runs["true"]
+    train_loop(cfg, TrialSpec(manifest=resolved(TINY_QWEN, [
+        "training.max_epochs=3", "scheduler.max_t=3", "training.strategy=plain", "training.precision=fp32",
+        "training.overlap_optimizer=false"])), ours)
+    assert [r["epoch"] for r in ours.reports] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(), reason="CUDA: the side stream and the blocks' waits"))])
+def test_overlapped_step_is_the_optimizer_step(fused, device):
+    """OverlappedStep steps the optimizer unit by unit (the weights outside the blocks, then each block)
+    with the optimizer's own settings and state: after steps under a changing LR and an active clip, the
+    weights and the optimizer's state_dict equal those of opt.step(), bit for bit."""
+    import copy
+
+    import torch
+
+    from trainables.speed import OverlappedStep
+
+    torch.manual_seed(0)
+    ref = _net().to(device)
+    ours = copy.deepcopy(ref)
+    opts = []
+    for model in (ref, ours):
+        decay = [p for p in model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                                lr=1e-2, fused=fused or None)
+        opts.append((opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))))
+    ov = OverlappedStep(opts[1][0], ours, torch.device(device))
+    assert [u is not None for u in ov.units] == [True, True, True]  # inp + out, then the two blocks
+    assert [len(u[0].param_groups) for u in ov.units] == [2, 2, 2]
+    for i in range(4):
+        x = torch.randn(16, 8, device=device)
+        for model, (opt, sched) in zip((ref, ours), opts):
+            _Fam.loss(model, x, None).backward()
+            if fused:  # the clip factor as Stepper.clip passes it: the fused kernel's grad_scale
+                opt.grad_scale = torch.tensor(1.0 + i, device=device)
+            if model is ours:
+                ov.step()
+            else:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+        for a, b in zip(ref.parameters(), ours.parameters()):  # read through the blocks' forward waits
+            assert torch.equal(a, b)
+    ov.sync()
+    sa, sb = opts[0][0].state_dict(), opts[1][0].state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    assert sa["state"].keys() == sb["state"].keys() and len(sa["state"]) == len(list(ref.parameters()))
+    for k in sa["state"]:
+        for name, v in sa["state"][k].items():
+            assert torch.equal(v, sb["state"][k][name]), (k, name)
+
 class _KeepOutputs:
     """A family that hands ``metrics`` through unchanged and keeps what it was given."""
 
