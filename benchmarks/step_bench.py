@@ -60,6 +60,42 @@ def profiled(dev):
     return profile(activities=acts), ("self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total")
 
 
+def stream_overlap(prof) -> dict:
+    """Per CUDA stream: kernel time, and how much of it ran while a kernel of another stream was running
+    (from the profiler's kernel intervals). Shows whether side-stream work (OverlappedStep's updates,
+    EarlyNorm's norms, the loader's copies) really runs beside the main stream or only between its kernels."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        ev = json.load(open(f.name))
+    ev = ev.get("traceEvents", ev) if isinstance(ev, dict) else ev
+    ks = [(e["ts"], e["ts"] + e["dur"], (e.get("args") or {}).get("stream"), e.get("name", ""))
+          for e in ev if e.get("cat") == "kernel" and "dur" in e]
+    if not ks:
+        return {}
+
+    def union(iv):
+        tot, end = 0.0, None
+        for a, b in sorted(iv):
+            if end is None or a > end:
+                tot, end = tot + (b - a), b
+            elif b > end:
+                tot, end = tot + (b - end), b
+        return tot
+
+    out = {"kernels_ms": round(sum(b - a for a, b, *_ in ks) / 1e3, 2), "busy_ms": round(union([(a, b) for a, b, *_ in ks]) / 1e3, 2)}
+    streams = sorted({s for *_, s, _ in ks if s is not None})
+    for st in streams:
+        mine = [(a, b) for a, b, s, _ in ks if s == st]
+        others = [(a, b) for a, b, s, _ in ks if s != st]
+        own = union(mine)
+        # time of this stream's kernels covered by other streams' kernels = |mine| + |others| - |mine ∪ others|
+        both = own + union(others) - union(mine + others)
+        out[f"stream_{st}"] = {"kernels": len(mine), "ms": round(own / 1e3, 2), "beside_other_streams_ms": round(both / 1e3, 2)}
+    return out
+
+
 def _profile(fn, dev, warmup, steps, path, info):
     """What a product step spends its time on: the profiler's top operators by device time (CPU time on a
     CPU). The table's last line ("Self CUDA time total") against ``wall_s`` gives the GPU-busy share (idle
@@ -76,6 +112,8 @@ def _profile(fn, dev, warmup, steps, path, info):
     wall = time.perf_counter() - t
     table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
     head = dict(info, mode="profile", steps=steps, wall_s=round(wall, 4))
+    if dev.type == "cuda":
+        head.update(stream_overlap(prof))
     with open(path, "w") as fh:
         fh.write(json.dumps(head) + "\n" + table)
     print(json.dumps(head), flush=True)
