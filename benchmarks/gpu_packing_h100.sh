@@ -2,7 +2,10 @@
 # H100 calls for issue 7 items 3 and 4 (benchmarks/gpu_packing.py), as run on 2026-11-26:
 #   call 1: PART=packed   (16 trials at 0.25 GPU)
 #   call 2: PART=rest     (50-trial memory return, `gpus: auto`, then 8 trials at 1 GPU each)
-# N_TRAIN=16384: four times the training rows per trial (the fixed start-up and evaluation weigh a quarter as much)
+# N_TRAIN=N: N training rows per trial instead of 4096, so the fixed start-up and evaluation weigh less. Issue 7 item 3
+# as measured on 2026-11-27 (benchmarks/RESULTS.md (c4)): MPS=1 PART=packed N_TRAIN=49152 T1=540 (8.8 % overhead),
+# then `python3 benchmarks/gpu_packing.py --out $OUT/b --trials 2 --n-train 49152 --skip packed,auto,memory` for the
+# one-trial-per-GPU side of the trials/hour ratio (4.19x)
 # Run through the device tool with `.whl` carried (see ../shared/device/README.md for the preamble).
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
