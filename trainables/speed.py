@@ -41,7 +41,8 @@ log = logging.getLogger("sweeper.speed")
 
 PEAK_BF16 = 989e12  # H100/H200 SXM dense bf16, the MFU denominator the issue fixes
 # training.overlap_optimizer "auto": whether one-process CUDA trials overlap the optimizer step with the next
-# forward (OverlappedStep); set from the same-run A/B in benchmarks/results (step_bench --modes product,product-no-overlap)
+# forward (OverlappedStep). Off: the same-run A/B gave 1.005x at Qwen2.5-1.5B on an H100
+# (step_bench --modes product,product-no-overlap; benchmarks/results/gpu_2026-11-27.md)
 OVERLAP_AUTO = False
 DS_DIR = "deepspeed"  # DeepSpeed's own checkpoint inside a sweeper checkpoint directory
 DS_TAG = "state"
@@ -549,8 +550,10 @@ class OverlappedStep:
     order. Each unit is stepped on a side CUDA stream, which records an event after it; the next
     forward waits only for what it is about to use: the main stream waits for the first unit before
     the forward and for block i's unit in a forward pre-hook on block i (the blocks are compiled with
-    their hooks outside the graph). So the updates of the later blocks run while the earlier blocks
-    compute.
+    their hooks outside the graph). So the updates of the later blocks can run while the earlier blocks
+    compute. Measured on an H100 (Qwen2.5-1.5B): 1.005x. Only 22 % of the updates' kernel time ran beside
+    the forward's, because the persistent cuBLAS matmul kernels hold every SM and the two streams take
+    turns (benchmarks/results/gpu_2026-11-27.md). It is therefore off by default (``OVERLAP_AUTO``).
 
     The arithmetic is the optimizer's own. Each unit has an optimizer of the same class over its
     parameters, sharing ``opt.state``; before each step every unit group takes its settings (lr,
