@@ -19,8 +19,3 @@ b --manifest $VS --label vits-compiled --modes product,loader,plain,plain-clip
 b --manifest $Q5 --label q05-ds2-1gpu --set training.strategy=deepspeed --modes product
 b --manifest $Q15 --label q15-compiled-bs16 --set search.space.batch_size=16 --modes product
 b --manifest $Q15 --label q15-norm-ab --modes product,product-late-norm,plain  # EarlyNorm on/off, same run
-# OverlappedStep A/B in one run (training.overlap_optimizer): product = overlapped, product-no-overlap = one optimizer call
-b --manifest $Q15 --label q15-overlap-ab --set training.overlap_optimizer=true --modes product,product-no-overlap,plain
-b --manifest $Q15 --label q15-bs16-overlap-ab --set training.overlap_optimizer=true --set search.space.batch_size=16 --modes product,product-no-overlap
-b --manifest $Q5 --label q05-overlap-ab --set training.overlap_optimizer=true --modes product,product-no-overlap,plain
-b --manifest $VB --label vitb-overlap-ab --set training.overlap_optimizer=true --modes product,product-no-overlap

@@ -62,8 +62,8 @@ def profiled(dev):
 
 def stream_overlap(prof) -> dict:
     """Per CUDA stream: kernel time, and how much of it ran while a kernel of another stream was running
-    (from the profiler's kernel intervals). Shows whether side-stream work (OverlappedStep's updates,
-    EarlyNorm's norms, the loader's copies) really runs beside the main stream or only between its kernels."""
+    (from the profiler's kernel intervals). Shows whether side-stream work (EarlyNorm's norms, the loader's
+    copies) really runs beside the main stream or only between its kernels."""
     import tempfile
 
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
@@ -124,8 +124,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--manifest", required=True)
     ap.add_argument("--set", action="append", default=[], help="manifest override key=value")
-    ap.add_argument("--modes", default="product,loader,plain", help="of product, loader, plain, plain-clip, product-late-norm (EarlyNorm off), "
-                    "product-no-overlap (OverlappedStep off: run with --set training.overlap_optimizer=true)")
+    ap.add_argument("--modes", default="product,loader,plain", help="of product, loader, plain, plain-clip, product-late-norm (EarlyNorm off)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3, help="alternating timing rounds per mode (median kept)")
@@ -212,18 +211,9 @@ def main(argv=None):
         finally:
             st.early_norm = early
 
-    def no_overlap_step():  # the product with its optimizer step in one call after the backward: A/B
-        st.overlap.enabled = False
-        try:
-            st.step(first)
-        finally:
-            st.overlap.enabled = True
-
-    if "product-no-overlap" in modes and st.overlap is None:
-        raise SystemExit("product-no-overlap: the product has no OverlappedStep (--set training.overlap_optimizer=true)")
     fns = {"product": lambda: st.step(first), "plain": plain_step, "plain-clip": lambda: plain_step(True),
-           "product-late-norm": late_norm_step, "product-no-overlap": no_overlap_step}
-    timed = [k for k in ("product", "product-late-norm", "product-no-overlap", "plain", "plain-clip") if k in modes]
+           "product-late-norm": late_norm_step}
+    timed = [k for k in ("product", "product-late-norm", "plain", "plain-clip") if k in modes]
     for k in timed:  # warm-up (compiles) once per mode
         if k != "product":
             _time(fns[k], dev, a.warmup, 1)
@@ -253,9 +243,6 @@ def main(argv=None):
             return (time.perf_counter() - t) / (n - a.warmup)
         emit("loader", run_loader())
     by = {r["mode"]: r for r in rows}
-    if "product" in by and "product-no-overlap" in by:
-        print(json.dumps({"label": a.label, "overlap_over_no_overlap": round(
-            by["product"]["units_per_s"] / by["product-no-overlap"]["units_per_s"], 4)}), flush=True)
     if "product" in by and "plain" in by:
         print(json.dumps({"label": a.label, "product_over_plain": round(by["product"]["units_per_s"] / by["plain"]["units_per_s"], 4),
                           **({"product_over_plain_clip": round(by["product"]["units_per_s"] / by["plain-clip"]["units_per_s"], 4)}

@@ -212,11 +212,6 @@ class TrainingSpec(Strict):
     """FSDP2 settings when the strategy is ``fsdp`` with several workers."""
     compile: Literal["auto"] | bool = "auto"
     """Regional torch.compile of the repeated blocks. ``auto``: on GPU, except under ZeRO-3."""
-    overlap_optimizer: Literal["auto"] | bool = "auto"
-    """One-process trials (not DeepSpeed): each block's AdamW update runs on a side CUDA stream while the
-    next step's forward computes the blocks before it (``trainables.speed.OverlappedStep``; the same
-    arithmetic, bit for bit). ``auto``: as measured on the GPU (``trainables.speed.OVERLAP_AUTO``,
-    docs/gpu.md); ``true``: wherever it applies (on the CPU the units are stepped in turn)."""
 
 
 class DDPSpec(Strict):

@@ -40,10 +40,6 @@ from torch import nn
 log = logging.getLogger("sweeper.speed")
 
 PEAK_BF16 = 989e12  # H100/H200 SXM dense bf16, the MFU denominator the issue fixes
-# training.overlap_optimizer "auto": whether one-process CUDA trials overlap the optimizer step with the next
-# forward (OverlappedStep). Off: the same-run A/B gave 1.005x at Qwen2.5-1.5B on an H100
-# (step_bench --modes product,product-no-overlap; benchmarks/results/gpu_2026-11-27.md)
-OVERLAP_AUTO = False
 DS_DIR = "deepspeed"  # DeepSpeed's own checkpoint inside a sweeper checkpoint directory
 DS_TAG = "state"
 
@@ -539,104 +535,12 @@ class EarlyNorm:
         return torch.stack(parts).sum().sqrt() if parts else torch.zeros((), device=dev)
 
 
-class OverlappedStep:
-    """The optimizer step of one process, overlapped with the next step's forward
-    (``training.overlap_optimizer``).
-
-    The fused AdamW is memory-bound (Qwen2.5-1.5B: it reads and writes the fp32 weights and both
-    moments and reads the gradients, about 43 GB a step, 11 % of the step in the 2026-11-26 profile),
-    while the forward that follows is compute-bound. Here the step is cut into units: first the
-    weights outside the repeated blocks (embeddings, final norm, head), then each block in forward
-    order. Each unit is stepped on a side CUDA stream, which records an event after it; the next
-    forward waits only for what it is about to use: the main stream waits for the first unit before
-    the forward and for block i's unit in a forward pre-hook on block i (the blocks are compiled with
-    their hooks outside the graph). So the updates of the later blocks can run while the earlier blocks
-    compute. Measured on an H100 (Qwen2.5-1.5B): 1.005x. Only 22 % of the updates' kernel time ran beside
-    the forward's, because the persistent cuBLAS matmul kernels hold every SM and the two streams take
-    turns (benchmarks/results/gpu_2026-11-27.md). It is therefore off by default (``OVERLAP_AUTO``).
-
-    The arithmetic is the optimizer's own. Each unit has an optimizer of the same class over its
-    parameters, sharing ``opt.state``; before each step every unit group takes its settings (lr,
-    betas, weight decay) from the optimizer group its parameters belong to, so the LR schedule, the
-    clip factor (``grad_scale``) and checkpoints (``opt.state_dict()``) see one optimizer. AdamW is
-    elementwise, so the weights are bit for bit those of ``opt.step()`` (tests/test_speed.py).
-    Anything that reads the weights other than a block's forward calls ``sync()`` first (evaluation,
-    state dicts). The gradients, read on the side stream, are marked for it before they are dropped,
-    so the allocator does not hand their memory out while the updates still read them. Without CUDA
-    (the tests) the units are stepped in turn, on the host."""
-
-    def __init__(self, opt: torch.optim.Optimizer, model: nn.Module, device: torch.device):
-        self.opt, self.device, self.enabled = opt, device, True
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        blocks = list(repeated_blocks(model) or ())
-        unit_of = {id(p): i + 1 for i, b in enumerate(blocks) for p in b.parameters()}
-        split: list[list[list[nn.Parameter]]] = [[[] for _ in opt.param_groups] for _ in range(len(blocks) + 1)]
-        for gi, g in enumerate(opt.param_groups):
-            for p in g["params"]:
-                split[unit_of.get(id(p), 0)][gi].append(p)
-        fused = opt.defaults.get("fused")
-        self.units: list[tuple[torch.optim.Optimizer, list[tuple[dict, dict]]] | None] = []
-        for per_group in split:
-            gis = [gi for gi, ps in enumerate(per_group) if ps]
-            if not gis:
-                self.units.append(None)
-                continue
-            sub = type(opt)([{"params": per_group[gi]} for gi in gis], fused=fused)
-            sub.state = opt.state  # one state: checkpoints and the schedule see the optimizer's
-            self.units.append((sub, list(zip(sub.param_groups, (opt.param_groups[gi] for gi in gis)))))
-        self.events: list = [None] * len(self.units)
-        for i, b in enumerate(blocks):
-            b.register_forward_pre_hook(functools.partial(self._wait, i + 1))
-
-    def _wait(self, k: int, module, args) -> None:
-        ev = self.events[k]
-        if ev is not None:
-            torch.cuda.current_stream(self.device).wait_event(ev)
-            self.events[k] = None
-
-    def step(self) -> None:
-        """``opt.step()``, unit by unit, on the side stream; the caller drops the gradients after."""
-        scale = getattr(self.opt, "grad_scale", None)
-        main = torch.cuda.current_stream(self.device) if self.stream is not None else None
-        if main is not None:
-            self.stream.wait_stream(main)  # the backward and the clip factor first
-        with torch.cuda.stream(self.stream) if main is not None else contextlib.nullcontext():
-            for k, unit in enumerate(self.units):
-                if unit is None:
-                    continue
-                sub, pairs = unit
-                for sg, mg in pairs:
-                    sg.update({key: v for key, v in mg.items() if key != "params"})
-                sub.grad_scale = scale
-                sub.step()
-                if main is not None:
-                    ev = torch.cuda.Event()
-                    ev.record(self.stream)
-                    self.events[k] = ev
-        self.opt._opt_called = True  # the LR scheduler's check that the optimizer stepped before it
-        if main is not None:
-            for g in self.opt.param_groups:
-                for p in g["params"]:
-                    if p.grad is not None:
-                        p.grad.record_stream(self.stream)
-            if isinstance(scale, torch.Tensor):
-                scale.record_stream(self.stream)
-            self._wait(0, None, None)  # embeddings, final norm and head: before the forward starts
-
-    def sync(self) -> None:
-        """The main stream waits for every update (the host does not)."""
-        if self.stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self.stream)
-        self.events = [None] * len(self.units)
-
-
 class Stepper:
     """Model + optimizer + schedule for one strategy; ``step(batch)`` is one optimizer step."""
 
     def __init__(self, family, model: nn.Module, hp, *, strategy: str, device: torch.device, precision: str,
                  grad_clip: float, total_steps: int, step_offset: int = 0, compile_: bool = False,
-                 ds: dict | None = None, world: int = 1, ddp: dict | None = None, fsdp: dict | None = None,
-                 overlap_optimizer: bool | str = "auto"):
+                 ds: dict | None = None, world: int = 1, ddp: dict | None = None, fsdp: dict | None = None):
         from sweeper.manifest import DDPSpec, FSDPSpec
 
         from .base import cosine_with_warmup
@@ -650,11 +554,8 @@ class Stepper:
                             "(use training.strategy: lightning for fp16)")
         self.grad_clip = float(grad_clip or 0.0)
         self.fsdp = strategy == "fsdp" and world > 1
+        self.compiled = compile_blocks(model, hooks_outside=self.fsdp) if compile_ else 0
         on_cuda = device.type == "cuda"
-        # the optimizer step overlapped with the next forward (OverlappedStep): one process, no engine
-        one_process = strategy != "deepspeed" and world == 1
-        overlap = one_process and (overlap_optimizer is True or (overlap_optimizer == "auto" and on_cuda and OVERLAP_AUTO))
-        self.compiled = compile_blocks(model, hooks_outside=self.fsdp or overlap) if compile_ else 0
         self.ds = ds or {}
         self.stage = int(self.ds.get("stage", 2)) if strategy == "deepspeed" else None
         self.engine = None
@@ -708,8 +609,6 @@ class Stepper:
                            else None)
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if (self.bf16 and self.engine is None)
                          else contextlib.nullcontext())
-        self.overlap = (OverlappedStep(self.opt, model, device)
-                        if overlap and self.fwd is self.loss_mod and self.reducer is None and not self.fsdp else None)
 
     def clip(self) -> None:
         """Gradient clipping by global norm, as ``clip_grad_norm_`` (same coefficient, same result).
@@ -776,24 +675,13 @@ class Stepper:
                 self.reducer.finish()
             if self.grad_clip:
                 self.clip()
-            if self.overlap is not None and self.overlap.enabled:
-                self.overlap.step()
-            else:
-                self.sync()
-                self.opt.step()
+            self.opt.step()
             self.opt.zero_grad(set_to_none=True)
         self.sched.step()
         return loss.detach()
 
-    def sync(self) -> None:
-        """Before anything but a block's forward reads the weights or the optimizer state: the
-        overlapped updates (``OverlappedStep``) done, in stream order."""
-        if self.overlap is not None:
-            self.overlap.sync()
-
     @torch.no_grad()
     def evaluate(self, loader, splits) -> dict:
-        self.sync()
         m = self.inner
         m.eval()
         outs = []
@@ -821,7 +709,6 @@ class Stepper:
     # -------------------------------------------------------------- checkpoints
     def full_state_dict(self) -> dict | None:
         """The model's weights on CPU, on rank 0 (a collective under ZeRO-3 and FSDP: every rank calls it)."""
-        self.sync()
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -839,7 +726,6 @@ class Stepper:
         """The optimizer state for a sweeper checkpoint, on rank 0 (a collective under FSDP: every rank
         calls it). FSDP's is keyed by parameter name (``get_optimizer_state_dict``), gathered from the
         shards; DeepSpeed keeps its own (``save_engine``): None."""
-        self.sync()
         if self.engine is not None:
             return None
         if self.fsdp:
@@ -851,7 +737,6 @@ class Stepper:
 
     def load_optimizer_state(self, state: dict) -> None:
         """The counterpart of ``full_optimizer_state`` (every rank reads the same checkpoint)."""
-        self.sync()
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -1005,7 +890,7 @@ def prepare(config: dict, spec, reporter=None, *, use_ray_train: bool = False) -
     stepper = Stepper(family, model, hp, strategy=strategy, device=device, precision=precision, grad_clip=clip,
                       total_steps=steps_per_epoch * max_epochs, step_offset=steps_per_epoch * start_epoch,
                       compile_=compile_, ds=ds, world=world, ddp=m["training"].get("ddp"),
-                      fsdp=m["training"].get("fsdp"), overlap_optimizer=training.get("overlap_optimizer", "auto"))
+                      fsdp=m["training"].get("fsdp"))
     if resumed and strategy == "deepspeed":
         if not stepper.load_engine(resumed):  # a checkpoint from another strategy: weights only
             stepper.inner.load_state_dict({k: v for k, v in ckpt_mod.load_checkpoint(resumed).model_state.items()},
