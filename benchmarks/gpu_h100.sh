@@ -19,3 +19,10 @@ b --manifest $VS --label vits-compiled --modes product,loader,plain,plain-clip
 b --manifest $Q5 --label q05-ds2-1gpu --set training.strategy=deepspeed --modes product
 b --manifest $Q15 --label q15-compiled-bs16 --set search.space.batch_size=16 --modes product
 b --manifest $Q15 --label q15-norm-ab --modes product,product-late-norm,plain  # EarlyNorm on/off, same run
+# training.micro_batch: auto (a batch larger than fits is split, gradients accumulated): the probe's choice and
+# the step at 2 and 4 micro-batches per update, against the whole-batch step (q15-compiled-bs16, q05-bs16)
+b --manifest $Q15 --label q15-bs32-micro-auto --set search.space.batch_size=32 --modes product
+b --manifest $Q15 --label q15-bs64-micro-auto --set search.space.batch_size=64 --modes product --steps 6
+b --manifest $Q5 --label q05-bs16 --modes product
+b --manifest $Q5 --label q05-bs64-micro-auto --set search.space.batch_size=64 --modes product
+b --manifest $Q5 --label q05-bs128-micro-auto --set search.space.batch_size=128 --modes product

@@ -153,9 +153,13 @@ def main(argv=None):
     rows = []
     modes = a.modes.split(",")
     p = speed.prepare(config, spec, None)
+    speed.choose_micro_batch(p, m)  # training.micro_batch: auto, as a trial does before its first step
     dev, st, fam, hp = p.device, p.stepper, p.family, p.hp
     info = dict(manifest=Path(a.manifest).name, overrides=a.set, label=a.label, size=m["model"]["size"],
-                strategy=p.strategy, compile=bool(st.compiled), bs=hp.batch_size,
+                strategy=p.strategy, compile=bool(st.compiled), bs=hp.batch_size, micro=st.micro,
+                micro_failed=list(p.micro_failed),
+                probe_gb=[round(v / 1e9, 2) if isinstance(v, int) and i else v
+                          for i, v in enumerate(st.probe_peak)] if st.probe_peak else None,
                 device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", torch=torch.__version__)
     first = next(iter(p.train_loader(0)))
     units_per_batch = speed.batch_units(first)[1]

@@ -212,6 +212,22 @@ class TrainingSpec(Strict):
     """FSDP2 settings when the strategy is ``fsdp`` with several workers."""
     compile: Literal["auto"] | bool = "auto"
     """Regional torch.compile of the repeated blocks. ``auto``: on GPU, except under ZeRO-3."""
+    micro_batch: Union[Literal["auto"], int] = "auto"
+    """Rows per forward and backward on the fast path (docs/gpu.md). A batch (``batch_size``, the
+    hyperparameter) with more rows is split into equal micro-batches whose gradients are accumulated:
+    one update per batch, as with the whole batch at once up to rounding. ``auto``: on one GPU process
+    without DeepSpeed, the whole batch if its forward and backward fit in the trial's share of GPU
+    memory (tried on the epoch's longest batch before the first step, with room for the optimizer
+    state), else the largest divisor of the batch that does; elsewhere the whole batch. An int: at most
+    that many rows (the largest divisor of the batch that is no larger). The Lightning loop (CPU trials
+    under ``strategy: auto``, or ``strategy: lightning``) takes whole batches."""
+
+    @field_validator("micro_batch", mode="before")
+    @classmethod
+    def _micro_batch(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError("must be 'auto' or a whole number of rows >= 1")
 
 
 class DDPSpec(Strict):
@@ -645,6 +661,11 @@ def _semantic_problems(m) -> list[str]:
             out.append(f"`data.paths.{split}`: {p} does not exist")
     if res is not None and res.workers > 1 and res.gpus != "auto" and res.gpus != int(res.gpus):
         out.append("`resources.gpus`: a multi-worker trial takes whole GPUs per worker")
+    if (res is not None and tr is not None and isinstance(tr.micro_batch, int)
+            and (tr.strategy == "lightning" or (tr.strategy == "auto" and res.gpus == 0))):
+        out.append("`training.micro_batch`: the Lightning loop takes whole batches (this manifest's trials run it: "
+                   f"strategy {tr.strategy}, resources.gpus {res.gpus}); micro-batches are for the fast path "
+                   "(GPU trials, or strategy plain, ddp, fsdp or deepspeed)")
     if res is not None and tr is not None and tr.strategy == "plain" and res.workers > 1:
         out.append("`training.strategy`: plain runs one worker; use ddp, fsdp or deepspeed with `resources.workers` > 1")
     return out

@@ -13,22 +13,28 @@ from tests.conftest import ROOT, TINY_QWEN
 from tests.test_trainables import resolved
 
 
-def _m(strategy, epochs=2):
+def _m(strategy, epochs=2, extra=()):
     return resolved(TINY_QWEN, [f"training.max_epochs={epochs}", f"scheduler.max_t={epochs}",
-                                f"training.strategy={strategy}", "training.precision=fp32"])
+                                f"training.strategy={strategy}", "training.precision=fp32", *extra])
 
 
 def test_plain_and_deepspeed_match_and_resume(tmp_path):
+    """Plain PyTorch and DeepSpeed train alike, DeepSpeed with its batches of 16 in micro-batches of 4
+    (gradients accumulated over DeepSpeed's manual boundary); a restarted DeepSpeed trial resumes."""
     plain = ListReporter(str(tmp_path / "p"))
     train_loop({"lr": 3e-3, "batch_size": 16}, TrialSpec(manifest=_m("plain")), plain)
     ds = ListReporter(str(tmp_path / "d"))
-    train_loop({"lr": 3e-3, "batch_size": 16}, TrialSpec(manifest=_m("deepspeed")), ds)
+    micro = ["training.micro_batch=4"]
+    train_loop({"lr": 3e-3, "batch_size": 16}, TrialSpec(manifest=_m("deepspeed", extra=micro)), ds)
     assert [r["epoch"] for r in ds.reports] == [1, 2]
-    assert [round(r["val_mae"], 5) for r in ds.reports] == [round(r["val_mae"], 5) for r in plain.reports]
+    assert [r["micro_batch"] for r in plain.reports] == [16, 16] and [r["micro_batch"] for r in ds.reports] == [4, 4]
+    assert [r["val_mae"] for r in ds.reports] == pytest.approx([r["val_mae"] for r in plain.reports], abs=2e-5)
+    assert ds.reports[-1]["val_mae"] != plain.reports[0]["val_mae"]  # it trained
     assert os.path.isdir(os.path.join(ds.checkpoints[-1], "deepspeed"))
     # restart: a 3-epoch run with the same reporter resumes at epoch 3 from the DeepSpeed checkpoint
-    train_loop({"lr": 3e-3, "batch_size": 16}, TrialSpec(manifest=_m("deepspeed", 3)), ds)
+    train_loop({"lr": 3e-3, "batch_size": 16}, TrialSpec(manifest=_m("deepspeed", 3, micro)), ds)
     assert [r["epoch"] for r in ds.reports] == [1, 2, 3]
+
 
 
 class _KeepOutputs:
@@ -261,7 +267,10 @@ def _dp_run(rank, world, init, out, impl):
                 assert st.fsdp_units == 2  # the two blocks as one unit, and the rest
         x = torch.randn(6, 8, 8, generator=torch.Generator().manual_seed(1))
         for step in range(4):
-            st.step(x[step][rank::world])  # each rank its half of the step's batch
+            # each rank its half of the step's batch; on odd steps in 2 micro-batches of 2 rows (training.micro_batch):
+            # gradients accumulate locally and are reduced once, after the last
+            st.micro = 2 if (world > 1 and step % 2) else 8
+            st.step(x[step][rank::world])
         if impl == "fsdp":  # the optimizer state a checkpoint holds: gathered, then put back, then trained on
             full = st.full_optimizer_state() if world > 1 else get_optimizer_state_dict(
                 st.loss_mod, st.opt, options=StateDictOptions(full_state_dict=True))
@@ -301,9 +310,9 @@ def _dp_run(rank, world, init, out, impl):
 
 @pytest.mark.parametrize("impl", ["blocks", "torch", "fsdp"])
 def test_two_process_data_parallel_matches_one_process(tmp_path, impl):
-    """training.ddp.impl and training.strategy fsdp: two gloo processes, each with half of every batch,
-    end with the weights of one process training on the whole batches (gradients averaged, clipping
-    active, rank 0's start). FSDP's gathered optimizer state matches the one process's too, and training
+    """training.ddp.impl and training.strategy fsdp: two gloo processes, each with half of every batch
+    (every other step in micro-batches), end with the weights of one process training on the whole
+    batches (gradients averaged, clipping active, rank 0's start). FSDP's gathered optimizer state matches the one process's too, and training
     goes on the same after it has been loaded back (a resumed trial)."""
     import torch
     import torch.multiprocessing as tmp
@@ -316,3 +325,202 @@ def test_two_process_data_parallel_matches_one_process(tmp_path, impl):
         assert one.keys() == two.keys() and one
         for k in one:
             torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6)
+
+
+_CUDA = pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs CUDA (the GPU machine)")
+
+
+@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=_CUDA)])
+@pytest.mark.parametrize("rows,micro", [(8, 2), (7, 3)])  # equal micro-batches; a short batch (3 + 3 + 1 rows)
+def test_micro_batches_train_as_the_whole_batch(rows, micro, dev):
+    """training.micro_batch: a batch split into micro-batches, gradients accumulated, gives the update and
+    the loss of the whole batch at once (clipping active). SGD as the update, so a wrong weight on a
+    micro-batch's gradient shows (AdamW would normalise most of it away); then the product's AdamW (on
+    CUDA the fused one, with the clip norm summed during the last micro-batch's backward: EarlyNorm)."""
+    import copy
+
+    import torch
+
+    from trainables.speed import Stepper, resolve_micro
+
+    assert [resolve_micro(k, 12) for k in ("auto", None, 5, 100, 1)] == [12, 12, 4, 12, 1]
+    assert resolve_micro(3, 7) == 1
+    x = torch.randn(6, rows, 8, generator=torch.Generator().manual_seed(2)).to(dev)
+    for sgd in (True, False):
+        torch.manual_seed(0)
+        whole_net = _net().to(dev)
+        split_net = copy.deepcopy(whole_net)
+        runs = []
+        for net, m in ((whole_net, None), (split_net, micro)):
+            st = Stepper(_Fam, net, _HP, strategy="plain", device=torch.device(dev), precision="32-true",
+                         grad_clip=0.5, total_steps=6, micro_batch=m)
+            assert (st.early_norm is not None) == (dev == "cuda")
+            st.micro = m or rows  # (7, 3): the short-batch case, which resolve_micro never yields
+            if sgd:
+                # fused on CUDA: it reads the clip factor from grad_scale as the fused AdamW does
+                st.opt = torch.optim.SGD(st.params, lr=0.05, fused=(dev == "cuda") or None)
+                st.sched = torch.optim.lr_scheduler.LambdaLR(st.opt, lambda s: 1.0)
+            assert len(st.parts(x[0])) == (1 if m is None else -(-rows // micro))
+            runs.append([float(st.step(x[i])) for i in range(6)])
+        assert runs[1] == pytest.approx(runs[0], rel=1e-5)
+        for a, b in zip(whole_net.parameters(), split_net.parameters()):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        assert any((a - b.to(dev)).abs().max() > 0 for a, b in zip(whole_net.parameters(), _net().parameters()))
+
+
+def test_fit_micro_batch_halves_until_it_fits():
+    """training.micro_batch: auto on a model that runs out of memory above 3 rows (CUDA's own error,
+    raised by the loss: this machine has no GPU to fill): 8 and 4 rows fail, 2 fit. The tries leave
+    weights, gradients and optimizer state as they were; a model that fits nothing is refused, naming
+    every size tried."""
+    import copy
+
+    import torch
+
+    from trainables.speed import MicroBatchError, Stepper
+
+    class OOMAbove:
+        def __init__(self, rows):
+            self.rows, self.seen = rows, []
+
+        def loss(self, model, batch, hp):
+            self.seen.append(batch.shape[0])
+            if batch.shape[0] > self.rows:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return _Fam.loss(model, batch, hp)
+
+    torch.manual_seed(0)
+    net = _net()
+    before = copy.deepcopy(net.state_dict())
+    fam = OOMAbove(3)
+    st = Stepper(fam, net, _HP, strategy="plain", device=torch.device("cpu"), precision="32-true",
+                 grad_clip=0.5, total_steps=4)
+    x = torch.randn(8, 8)
+    micro, failed = st.fit_micro_batch(x)
+    assert (micro, st.micro, fam.seen) == (2, 2, [8, 4, 2])
+    assert failed == ["8 rows: out of memory", "4 rows: out of memory"]
+    assert all(p.grad is None for p in net.parameters()) and not st.opt.state
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k])
+    st.step(x)  # and it trains, 4 micro-batches of 2
+    assert fam.seen[3:] == [2, 2, 2, 2]
+    # a step that runs out later (a wider batch, a neighbour's memory): with shrink_on_oom (set by choose_micro_batch
+    # for micro_batch: auto) it is run again in halves, updating once, as a run at that size from the start
+    ref_net = copy.deepcopy(net)
+    ref = Stepper(_Fam, ref_net, _HP, strategy="plain", device=torch.device("cpu"), precision="32-true",
+                  grad_clip=0.5, total_steps=4, micro_batch=1)
+    ref.opt.load_state_dict(copy.deepcopy(st.opt.state_dict()))  # (a plain load shares the moment tensors)
+    ref.sched.load_state_dict(st.sched.state_dict())
+    fam.rows = 1
+    with pytest.raises(torch.OutOfMemoryError):
+        st.step(x)  # without shrink_on_oom the error is the trial's
+    st.shrink_on_oom = True
+    assert float(st.step(x)) == pytest.approx(float(ref.step(x)), rel=1e-6)
+    assert st.micro == 1 and st.micro_failed[-1] == "2 rows: out of memory in a step"
+    for a, b in zip(net.parameters(), ref_net.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # running out in the update itself is raised: the weights may be half updated
+    def update_oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory in the update")
+    st.opt.step = update_oom
+    fam.rows, st.micro, tried = 8, 2, len(st.micro_failed)
+    with pytest.raises(torch.OutOfMemoryError, match="in the update"):
+        st.step(x)
+    assert st.micro == 2 and len(st.micro_failed) == tried  # not taken for a forward's: no smaller retry
+    with pytest.raises(MicroBatchError, match=r"8 rows: out of memory; 4 rows.*; 1 rows: out of memory"):
+        Stepper(OOMAbove(0), _net(), _HP, strategy="plain", device=torch.device("cpu"), precision="32-true",
+                grad_clip=0.5, total_steps=4).fit_micro_batch(x)
+
+
+def test_longest_batch_is_the_epochs_widest():
+    """What micro_batch: auto tries: the first epoch's batch of the longest rows, whole; on it a model
+    that fits keeps the whole batch."""
+    import torch
+
+    from trainables import speed
+
+    m = _m("plain", extra=["data.max_length=256"])
+    p = speed.prepare({"lr": 3e-3, "batch_size": 16}, TrialSpec(manifest=m), None)
+    assert speed.choose_micro_batch(p, m) is False  # auto tries on a CUDA process only; here the whole batch
+    assert p.stepper.micro == 16 and not p.stepper.shrink_on_oom
+    ids, _mask, labels = p.longest_batch()
+    widths = [b[0].shape[1] for b in p.train_loader(p.seed * 7919 + 1)]
+    assert ids.shape == (16, max(widths)) and labels.shape[0] == 16
+    assert len(set(widths)) > 1  # the tiny data's rows differ in length, so "longest" means something
+    assert p.stepper.fit_micro_batch((ids, _mask, labels)) == (16, [])
+    assert all(q.grad is None for q in p.stepper.params) and not p.stepper.opt.state
+    assert isinstance(ids, torch.Tensor)
+
+
+@_CUDA
+def test_micro_batch_auto_on_real_cuda_memory():
+    """On a GPU: a cap on this process's memory makes the whole batch really run out (CUDA's allocator,
+    not a stand-in); fit_micro_batch settles on a smaller micro-batch, a tighter cap later makes a step
+    run out and it is run again in halves; a budget below the peak also counts as not fitting."""
+    import torch
+    from torch import nn
+
+    from trainables.speed import Stepper
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    torch.manual_seed(0)
+    net = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(2048, 2048), nn.GELU())], nn.Linear(2048, 1)).to(dev)
+
+    class Fam:
+        @staticmethod
+        def loss(model, batch, hp):
+            return model(batch).float().pow(2).mean()
+
+    class HP(_HP):
+        batch_size = 16384
+
+    x = torch.randn(16384, 2048, device=dev)  # 134 MB; activations about 64 KB a row (1 GB for the batch)
+    st = Stepper(Fam, net, HP, strategy="plain", device=dev, precision="32-true", grad_clip=1.0, total_steps=4)
+    total = torch.cuda.get_device_properties(dev).total_memory
+    try:
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(0.9e9 / total, dev)
+        micro, failed = st.fit_micro_batch(x)
+        assert 1 < micro < 16384 and failed and all(f.endswith("out of memory") for f in failed), failed
+        loss = st.step(x)
+        assert torch.isfinite(loss)
+        torch.cuda.set_per_process_memory_fraction(0.75e9 / total, dev)
+        st.shrink_on_oom = True
+        before = st.micro
+        assert torch.isfinite(st.step(x)) and st.micro < before
+        assert st.micro_failed[-1] == f"{before} rows: out of memory in a step"
+        torch.cuda.set_per_process_memory_fraction(1.0, dev)
+        st2 = Stepper(Fam, net, HP, strategy="plain", device=dev, precision="32-true", grad_clip=1.0, total_steps=4)
+        micro2, failed2 = st2.fit_micro_batch(x, budget_bytes=int(0.8e9))
+        assert micro2 < 16384 and "over the budget" in failed2[0] and st2.probe_peak[1] <= 0.8e9
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, dev)
+        torch.cuda.empty_cache()
+
+
+@_CUDA
+def test_gpu_trial_tries_its_micro_batch_first(tmp_path):
+    """A one-GPU trial through the product's trial loop with micro_batch: auto: the try runs before the
+    first step (counted as training), the whole batch fits, and every report says so."""
+    rep = ListReporter(str(tmp_path / "g"))
+    m = resolved(TINY_QWEN, ["training.max_epochs=2", "scheduler.max_t=2", "resources.gpus=1",
+                             "training.strategy=plain", "training.compile=false"])
+    train_loop({"lr": 3e-3, "batch_size": 16}, TrialSpec(manifest=m), rep)
+    assert [r["epoch"] for r in rep.reports] == [1, 2]
+    assert [r["micro_batch"] for r in rep.reports] == [16, 16]
+    assert 0 < rep.reports[0]["time_startup_s"] and rep.reports[0]["time_train_s"] > 0
+
+
+def test_micro_batch_setting_is_checked():
+    """training.micro_batch: 'auto' or a whole number >= 1, named in the message; a number for trials that
+    run the Lightning loop (which takes whole batches) is refused, saying why."""
+    from sweeper.errors import UserError
+
+    assert resolved(TINY_QWEN, [])["training"]["micro_batch"] == "auto"
+    assert resolved(TINY_QWEN, ["training.strategy=plain", "training.micro_batch=4"])["training"]["micro_batch"] == 4
+    for bad in ("0", "true", "big", "2.5", "-3"):
+        with pytest.raises(UserError, match=r"`training.micro_batch`: must be 'auto' or a whole number of rows >= 1"):
+            resolved(TINY_QWEN, ["training.strategy=plain", f"training.micro_batch={bad}"])
+    for lightning in (["training.micro_batch=4"], ["training.strategy=lightning", "resources.gpus=1", "training.micro_batch=4"]):
+        with pytest.raises(UserError, match=r"`training.micro_batch`: the Lightning loop takes whole batches"):
+            resolved(TINY_QWEN, lightning)

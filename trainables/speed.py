@@ -152,6 +152,28 @@ def batch_units(batch) -> tuple[int, int]:
     return n, n
 
 
+def slice_rows(batch, start: int, stop: int):
+    """Rows ``start:stop`` of a batch (tensors sliced along dim 0, in tuples, lists and dicts; None kept)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop]
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(slice_rows(b, start, stop) for b in batch)
+    if isinstance(batch, dict):
+        return {k: slice_rows(v, start, stop) for k, v in batch.items()}
+    return batch
+
+
+def resolve_micro(knob: Any, batch_size: int) -> int:
+    """``training.micro_batch`` as rows per forward/backward: an int means at most that many, the largest
+    divisor of the batch that is (equal micro-batches, so each is weighted alike); ``auto`` starts from
+    the whole batch (``Stepper.fit_micro_batch`` may lower it)."""
+    bs = max(1, int(batch_size))
+    if knob in (None, "auto"):
+        return bs
+    cap = max(1, min(int(knob), bs))
+    return max(d for d in range(1, cap + 1) if bs % d == 0)
+
+
 def index_batches(n: int, bs: int, *, shuffle: bool, seed: int, rank: int = 0, world: int = 1,
                   drop_last: bool = False, lengths: list[int] | None = None) -> list[list[int]]:
     """Index lists for one epoch, this rank's share. With ``lengths``: length bucketing (windows
@@ -535,12 +557,27 @@ class EarlyNorm:
         return torch.stack(parts).sum().sqrt() if parts else torch.zeros((), device=dev)
 
 
+def _smaller_divisor(m: int, n: int) -> int:
+    """The largest divisor of ``n`` that is at most half of ``m`` (at least 1)."""
+    return max(d for d in range(1, max(1, m // 2) + 1) if n % d == 0)
+
+
+def _add_weighted(total: torch.Tensor | None, loss: torch.Tensor, w: float) -> torch.Tensor:
+    d = loss.detach() if w == 1.0 else loss.detach() * w
+    return d if total is None else total + d
+
+
+class MicroBatchError(RuntimeError):
+    """``training.micro_batch: auto`` found no micro-batch that fits."""
+
+
 class Stepper:
     """Model + optimizer + schedule for one strategy; ``step(batch)`` is one optimizer step."""
 
     def __init__(self, family, model: nn.Module, hp, *, strategy: str, device: torch.device, precision: str,
                  grad_clip: float, total_steps: int, step_offset: int = 0, compile_: bool = False,
-                 ds: dict | None = None, world: int = 1, ddp: dict | None = None, fsdp: dict | None = None):
+                 ds: dict | None = None, world: int = 1, ddp: dict | None = None, fsdp: dict | None = None,
+                 micro_batch: int | None = None):
         from sweeper.manifest import DDPSpec, FSDPSpec
 
         from .base import cosine_with_warmup
@@ -553,6 +590,13 @@ class Stepper:
             raise UserError(f"training.precision {precision!r}: the fast path takes bf16 or fp32 "
                             "(use training.strategy: lightning for fp16)")
         self.grad_clip = float(grad_clip or 0.0)
+        # rows per forward/backward; a batch of more rows is split and its gradients accumulated
+        # (``training.micro_batch``; ``fit_micro_batch`` lowers it to what fits in GPU memory)
+        self.micro = int(micro_batch or hp.batch_size)
+        self.shrink_on_oom = False  # set by choose_micro_batch for micro_batch: auto (see step)
+        self.micro_failed: list[str] = []  # the micro-batch sizes that did not fit, and why
+        self._updating = False
+        self.probe_peak: tuple[int, int, int | None] | None = None  # (rows, peak bytes, budget) of the last try that ran
         self.fsdp = strategy == "fsdp" and world > 1
         self.compiled = compile_blocks(model, hooks_outside=self.fsdp) if compile_ else 0
         on_cuda = device.type == "cuda"
@@ -579,7 +623,7 @@ class Stepper:
 
             _ensure_process_group(device)
             self.engine, _, _, _ = deepspeed.initialize(model=self.loss_mod, optimizer=self.opt,
-                                                        config=self.ds_config(hp.batch_size))
+                                                        config=self.ds_config(self.micro, max(1, hp.batch_size // self.micro)))
             self.fwd = self.engine
         elif strategy == "ddp" and world > 1 and ddp_spec.impl == "blocks":
             self.loss_mod.to(device)
@@ -635,14 +679,14 @@ class Stepper:
         # clip_grad_norm_: grads *= min(1, max_norm / (norm + 1e-6)); here: grads /= max(1, (norm + 1e-6) / max_norm)
         self.opt.grad_scale = torch.clamp((norm.float() + 1e-6) / self.grad_clip, min=1.0)
 
-    def ds_config(self, micro_batch: int) -> dict:
+    def ds_config(self, micro_batch: int, accumulation: int = 1) -> dict:
         zero: dict[str, Any] = {"stage": self.stage, "overlap_comm": True, "contiguous_gradients": True,
                                 "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8}
         if self.ds.get("offload_optimizer"):
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
         if self.ds.get("offload_params"):
             zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-        cfg = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
+        cfg = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": accumulation,
                "bf16": {"enabled": self.bf16}, "zero_optimization": zero,
                "gradient_clipping": self.grad_clip, "zero_allow_untested_optimizer": True,
                "zero_force_ds_cpu_optimizer": False, "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
@@ -658,27 +702,149 @@ class Stepper:
         """The family's model (weights as the engine holds them)."""
         return self.engine.module.model if self.engine is not None else self.model
 
+    def parts(self, batch) -> list[tuple[Any, float]]:
+        """The micro-batches of a batch and each one's weight (its share of the rows). The families'
+        losses are means over rows, so the weighted sum of the micro-batches' losses is the batch's."""
+        n = batch_units(batch)[0]
+        if n <= self.micro:
+            return [(batch, 1.0)]
+        return [(slice_rows(batch, s, min(s + self.micro, n)), (min(s + self.micro, n) - s) / n)
+                for s in range(0, n, self.micro)]
+
+    def _no_sync(self, last: bool):
+        """Gradients of all but a batch's last micro-batch stay local: no all-reduce, no reduce-scatter."""
+        if self.fsdp:
+            self.loss_mod.set_requires_gradient_sync(last)
+        elif not last and isinstance(self.fwd, nn.parallel.DistributedDataParallel):
+            return self.fwd.no_sync()
+        return contextlib.nullcontext()
+
     def step(self, batch) -> torch.Tensor:
+        """One optimizer step over ``batch``, in micro-batches of ``self.micro`` rows when it has more
+        (gradients accumulated; the data-parallel reduction, the clip norm and the update once, after
+        the last). Returns the batch's loss, on the device.
+
+        With ``shrink_on_oom`` (``micro_batch: auto`` on one process), a step whose forward or backward
+        runs out of GPU memory (a batch wider than the one tried before the first step, memory taken by
+        a neighbour) is run again in micro-batches half as large: the weights are untouched until the
+        update, and the half-accumulated gradients are dropped. Running out during the update itself is
+        raised as it is."""
+        while True:
+            try:
+                return self._step(batch)
+            except torch.OutOfMemoryError:
+                if not (self.shrink_on_oom and not self._updating and self.micro > 1):
+                    raise
+            # out of the except block, so the failed step's frames (its activations) are freed
+            self.opt.zero_grad(set_to_none=True)
+            before = self.micro
+            self.micro = _smaller_divisor(self.micro, self.hp.batch_size)
+            self.micro_failed.append(f"{before} rows: out of memory in a step")
+            log.warning("out of GPU memory in a step at micro-batch %d: going on with %d", before, self.micro)
+            self._release(reset_compiled=True)
+
+    def _release(self, reset_compiled: bool) -> None:
+        import gc
+
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if reset_compiled and self.compiled:
+            # a static graph for the new size (otherwise dynamo marks the batch dimension dynamic)
+            from torch import _dynamo
+
+            _dynamo.reset()
+
+    def _step(self, batch) -> torch.Tensor:
+        self._updating = False  # True from the clip on: an error then is not the forward's or backward's
+        parts = self.parts(batch)
+        last_i = len(parts) - 1
+        total = None
         if self.engine is not None:
-            loss = self.engine(batch)
-            self.engine.backward(loss)
+            for i, (b, w) in enumerate(parts):
+                # DeepSpeed reduces and steps at the boundary it is told of (not by counting micro-steps,
+                # so a short batch of fewer micro-batches stays right); the weights are applied here
+                self.engine.set_gradient_accumulation_boundary(i == last_i)
+                loss = self.engine(b)
+                self.engine.backward(loss * w if w != 1.0 else loss, scale_wrt_gas=False)
+                total = _add_weighted(total, loss, w)
             self.engine.step()
         else:
-            with self.autocast:
-                loss = self.fwd(batch)
-            if self.reducer is not None:
-                self.reducer.arm()
-            elif self.early_norm is not None:
-                self.early_norm.arm()
-            loss.backward()
+            for i, (b, w) in enumerate(parts):
+                last = i == last_i
+                with self._no_sync(last):
+                    with self.autocast:
+                        loss = self.fwd(b)
+                    if last and self.reducer is not None:
+                        self.reducer.arm()
+                    elif last and self.early_norm is not None:
+                        self.early_norm.arm()
+                    (loss * w if w != 1.0 else loss).backward()
+                total = _add_weighted(total, loss, w)
             if self.reducer is not None:
                 self.reducer.finish()
+            self._updating = True
             if self.grad_clip:
                 self.clip()
             self.opt.step()
+            self._updating = False
             self.opt.zero_grad(set_to_none=True)
         self.sched.step()
-        return loss.detach()
+        return total
+
+    def fit_micro_batch(self, batch, budget_bytes: int | None = None) -> tuple[int, list[str]]:
+        """``training.micro_batch: auto``: the largest micro-batch (a divisor of the batch's rows, from the
+        whole batch down) whose forward and backward fit, tried on ``batch`` (the epoch's longest).
+        Until the optimizer has state, room for it (AdamW's two fp32 moments per weight) is held during
+        the try, so the first update cannot be what runs out. A try fails when CUDA runs out of memory
+        or its peak passes ``budget_bytes`` (the trial's share of the GPU, with a margin). Weights and
+        optimizer are left as they were; the gradients are dropped. Returns the micro-batch and, for each
+        size that did not fit, why. One process only: under data parallelism one rank running out while
+        the others go on would stall their collectives."""
+        n = batch_units(batch)[0]
+        reserve = 0 if self.opt.state else sum(2 * p.numel() * 4 for p in self.params)
+        cuda = self.device.type == "cuda"
+        failed: list[str] = []
+        m = n
+        while True:
+            why = self._try_rows(slice_rows(batch, 0, m) if m < n else batch, reserve, budget_bytes, cuda)
+            if why is None:
+                self.micro = m
+                self.micro_failed.extend(failed)
+                return m, failed
+            failed.append(f"{m} rows: {why}")
+            if m == 1:
+                raise MicroBatchError("not even a micro-batch of 1 row fits in GPU memory ("
+                                      + "; ".join(failed) + ")")
+            m = _smaller_divisor(m, n)
+            self._release(reset_compiled=True)
+
+    def _try_rows(self, b, reserve: int, budget: int | None, cuda: bool) -> str | None:
+        """One forward and backward of ``b`` with ``reserve`` bytes held: None if it fit, else why not."""
+        why = None
+        hold = loss = None
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            hold = torch.empty(reserve, dtype=torch.uint8, device=self.device) if (reserve and cuda) else None
+            with self.autocast:
+                loss = self.fwd(b)
+            loss.backward()
+            del loss
+            if cuda:
+                torch.cuda.synchronize(self.device)
+                peak = torch.cuda.max_memory_allocated(self.device)
+                self.probe_peak = (batch_units(b)[0], peak, budget)
+                if budget and peak > budget:
+                    why = f"peak {peak / 2**30:.1f} GiB over the budget of {budget / 2**30:.1f} GiB"
+        except torch.OutOfMemoryError:
+            why = "out of memory"
+        hold = loss = None  # the graph (activations) of a backward that ran out goes with the loss
+        self.opt.zero_grad(set_to_none=True)
+        if why is not None:
+            self._release(reset_compiled=False)
+        return why
 
     @torch.no_grad()
     def evaluate(self, loader, splits) -> dict:
@@ -776,6 +942,18 @@ class Prepared:
     start_epoch: int
     resumed_from: str | None
     flops_unit: float | None = None
+    micro_batch: int = 0
+    micro_failed: tuple[str, ...] = ()
+
+    def longest_batch(self):
+        """The first epoch's batch of the longest rows (its padded shape is the epoch's largest), on
+        the device: what ``training.micro_batch: auto`` must fit."""
+        m_train = self.splits.get("train", "fit")
+        collate, lengths = make_collate(self.family, m_train)
+        b = index_batches(len(m_train), self.hp.batch_size, shuffle=True, seed=self.seed * 7919 + 1,
+                          rank=self.rank, world=self.world, drop_last=True, lengths=lengths)
+        idx = max(b, key=lambda x: max(lengths[i] for i in x)) if lengths else b[0]
+        return _to_device(collate(idx), self.device, non_blocking=False)
 
     def train_loader(self, epoch_seed: int) -> Prefetcher:
         m_train = self.splits.get("train", "fit")
@@ -890,7 +1068,7 @@ def prepare(config: dict, spec, reporter=None, *, use_ray_train: bool = False) -
     stepper = Stepper(family, model, hp, strategy=strategy, device=device, precision=precision, grad_clip=clip,
                       total_steps=steps_per_epoch * max_epochs, step_offset=steps_per_epoch * start_epoch,
                       compile_=compile_, ds=ds, world=world, ddp=m["training"].get("ddp"),
-                      fsdp=m["training"].get("fsdp"))
+                      fsdp=m["training"].get("fsdp"), micro_batch=resolve_micro(training.get("micro_batch"), hp.batch_size))
     if resumed and strategy == "deepspeed":
         if not stepper.load_engine(resumed):  # a checkpoint from another strategy: weights only
             stepper.inner.load_state_dict({k: v for k, v in ckpt_mod.load_checkpoint(resumed).model_state.items()},
@@ -902,7 +1080,35 @@ def prepare(config: dict, spec, reporter=None, *, use_ray_train: bool = False) -
     if resumed:
         log.info("resumed from %s at epoch %d", resumed, start_epoch)
     return Prepared(family, hp, splits, stepper, device, rank, world, seed, strategy, steps_per_epoch,
-                    init_report, start_epoch, resumed, flops_unit)
+                    init_report, start_epoch, resumed, flops_unit, stepper.micro)
+
+
+def choose_micro_batch(p: Prepared, m: dict) -> bool:
+    """``training.micro_batch: auto`` on one CUDA process without DeepSpeed: the micro-batch that fits
+    (``Stepper.fit_micro_batch`` on the epoch's longest batch, within the trial's share of the GPU), and
+    a step that runs out later shrinks it again. Elsewhere the whole batch (an int was applied by
+    ``prepare``). Returns whether it tried (one forward and backward, which also compiles the blocks)."""
+    st = p.stepper
+    tried = (m["training"].get("micro_batch", "auto") == "auto" and st.device.type == "cuda" and p.world == 1
+             and st.engine is None and not st.fsdp)
+    if tried:
+        p.micro_batch, failed = st.fit_micro_batch(p.longest_batch(), gpu_budget_bytes(st.device, _gpus(m)))
+        p.micro_failed = tuple(failed)
+        st.shrink_on_oom = True
+    if p.micro_batch < p.hp.batch_size:
+        log.info("micro-batch %d x %d = batch %d%s", p.micro_batch, -(-p.hp.batch_size // p.micro_batch),
+                 p.hp.batch_size, f" (did not fit: {'; '.join(p.micro_failed)})" if p.micro_failed else "")
+    return tried
+
+
+def gpu_budget_bytes(device: torch.device, gpus: float) -> int:
+    """What a trial may fill: 90 % of the memory free to this process (what it holds included), and of its
+    share of the card (``resources.gpus`` below 1: packed trials leave their neighbours' share alone)."""
+    free, total = torch.cuda.mem_get_info(device)
+    usable = free + torch.cuda.memory_reserved(device)
+    if 0 < gpus < 1:
+        usable = min(usable, int(total * gpus))
+    return int(usable * 0.9)
 
 
 # ------------------------------------------------------------------------------------ the trial
@@ -933,6 +1139,14 @@ def run_trial(config: dict, spec, reporter, *, use_ray_train: bool = False) -> d
     timing = {"train_s": 0.0, "eval_s": 0.0, "ckpt_s": 0.0}
     first_step = None
     first_step_unix = None
+    if p.start_epoch < max_epochs:
+        # the micro-batch try is a training forward and backward (and compiles, as a first step would):
+        # it counts as training, and training starts with it
+        tp = time.perf_counter()
+        tp_unix = time.time()
+        if choose_micro_batch(p, m):
+            first_step, first_step_unix = tp, tp_unix
+            timing["train_s"] += time.perf_counter() - tp
     last: dict = {}
     limit = training.get("limit_train_batches")
     for epoch in range(p.start_epoch + 1, max_epochs + 1):
@@ -960,7 +1174,8 @@ def run_trial(config: dict, spec, reporter, *, use_ray_train: bool = False) -> d
         metrics.update(epoch=epoch, phase=spec.phase, time_startup_s=(first_step or now) - t0,
                        first_step_unix=first_step_unix if first_step is not None else time.time(),
                        time_train_s=timing["train_s"], time_eval_s=timing["eval_s"], strategy=p.strategy,
-                       world=p.world, train_samples_per_s=samples * p.world / dt if dt else 0.0)
+                       world=p.world, train_samples_per_s=samples * p.world / dt if dt else 0.0,
+                       micro_batch=st.micro)
         if tokens != samples:
             metrics["train_tokens_per_s"] = tokens * p.world / dt if dt else 0.0
         if flops_unit and p.device.type == "cuda" and dt:
