@@ -1092,7 +1092,17 @@ def choose_micro_batch(p: Prepared, m: dict) -> bool:
     tried = (m["training"].get("micro_batch", "auto") == "auto" and st.device.type == "cuda" and p.world == 1
              and st.engine is None and not st.fsdp)
     if tried:
-        p.micro_batch, failed = st.fit_micro_batch(p.longest_batch(), gpu_budget_bytes(st.device, _gpus(m)))
+        share = _gpus(m)
+        capped = 0 < share < 1
+        if capped:
+            # a packed trial's tries stop at its share of the card: running out there is its own
+            # error, not its neighbours' (without the cap a try grows until the whole card is full)
+            torch.cuda.set_per_process_memory_fraction(share, st.device)
+        try:
+            p.micro_batch, failed = st.fit_micro_batch(p.longest_batch(), gpu_budget_bytes(st.device, share))
+        finally:
+            if capped:
+                torch.cuda.set_per_process_memory_fraction(1.0, st.device)
         p.micro_failed = tuple(failed)
         st.shrink_on_oom = True
     if p.micro_batch < p.hp.batch_size:
