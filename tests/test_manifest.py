@@ -156,6 +156,20 @@ def test_identity_stable_and_sensitive(write_manifest):
     assert manifest.load(p, ["output.root=/tmp/elsewhere"]).identity() == a.identity()
 
 
+def test_identity_survives_settings_added_later():
+    """A sweep started before a setting existed keeps its directory: the demo manifest's identity as computed
+    by the code of 2b868c2, before training.micro_batch was added (re-running that manifest must resume that
+    sweep). If this fails, a schema change moved every sweep's directory: a setting added with a default
+    belongs in manifest.LATER_DEFAULTS; a changed default really changes results and this value with it."""
+    from tests.conftest import ROOT
+
+    demo = ROOT / "search_spaces/qwen-tiny_regression_cpu.yaml"
+    assert manifest.load(demo).identity() == "2d3cf794bc"
+    assert manifest.load(demo, ["training.strategy=plain"]).identity() == "aeea5b08be"
+    # a value other than the default is part of the identity
+    assert manifest.load(demo, ["training.strategy=plain", "training.micro_batch=4"]).identity() not in ("aeea5b08be", "2d3cf794bc")
+
+
 def test_promotion_variant_needs_a_checkpoint_at_every_rung():
     ok = ["scheduler.type=asha", "scheduler.variant=promotion", "scheduler.grace_period=1", "scheduler.reduction_factor=3",
           "scheduler.max_t=9", "training.max_epochs=9"]
