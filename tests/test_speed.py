@@ -36,7 +36,6 @@ def test_plain_and_deepspeed_match_and_resume(tmp_path):
     assert [r["epoch"] for r in ds.reports] == [1, 2, 3]
 
 
-
 class _KeepOutputs:
     """A family that hands ``metrics`` through unchanged and keeps what it was given."""
 
@@ -312,8 +311,9 @@ def _dp_run(rank, world, init, out, impl):
 def test_two_process_data_parallel_matches_one_process(tmp_path, impl):
     """training.ddp.impl and training.strategy fsdp: two gloo processes, each with half of every batch
     (every other step in micro-batches), end with the weights of one process training on the whole
-    batches (gradients averaged, clipping active, rank 0's start). FSDP's gathered optimizer state matches the one process's too, and training
-    goes on the same after it has been loaded back (a resumed trial)."""
+    batches (gradients averaged, clipping active, rank 0's start). FSDP's gathered optimizer state
+    matches the one process's too, and training goes on the same after it has been loaded back (a
+    resumed trial)."""
     import torch
     import torch.multiprocessing as tmp
 
