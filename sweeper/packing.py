@@ -54,13 +54,39 @@ def _largest_batch(manifest: dict) -> int:
     return int(sp)
 
 
+def fitting_rows(run, rows: int, batch_rows: int, *, shrink: bool, release=lambda: None) -> tuple[int, list[str]]:
+    """``run(rows)`` at ``rows``; when it runs out of GPU memory and ``shrink`` (``training.micro_batch:
+    auto``: the trials will split their batches the same way), again at the next smaller divisor of
+    ``batch_rows``, down to 1 row. Returns the rows that ran and, for each size that did not, why."""
+    import torch
+
+    from trainables.speed import _smaller_divisor
+
+    failed: list[str] = []
+    while True:
+        try:
+            run(rows)
+            return rows, failed
+        except torch.OutOfMemoryError:
+            if not shrink or rows == 1:
+                raise
+        failed.append(f"{rows} rows: out of memory")  # out of the except block: the failed run's frames are freed
+        rows = _smaller_divisor(rows, batch_rows)
+        release()
+
+
 def probe_peak_bytes(manifest: dict) -> dict:
-    """On the current process's GPU: build data and model, run one forward/backward/optimizer step
-    at the largest batch size and the manifest's precision; returns peak and total memory."""
+    """On the current process's GPU: build data and model, run two forward/backward/optimizer steps at
+    the largest batch size of the search space (or its micro-batch: ``training.micro_batch``; under
+    ``auto``, smaller micro-batches when the whole batch runs out of the whole GPU) and the manifest's
+    precision; returns peak and total memory."""
+    import gc
+
     import torch
 
     from trainables import registry
     from trainables.base import HParams, cached_splits, resolve_precision
+    from trainables.speed import resolve_micro, slice_rows
 
     family = registry.get(manifest["trainable"])
     if not hasattr(family, "build_model"):
@@ -68,6 +94,7 @@ def probe_peak_bytes(manifest: dict) -> dict:
     dev = torch.device("cuda")
     fixed = {k: v for k, v in manifest["search"]["space"].items() if not isinstance(v, dict)}
     hp = HParams.from_config({**fixed, "batch_size": _largest_batch(manifest)}, family.info.hyperparameters)
+    knob = manifest["training"].get("micro_batch", "auto")
     splits = cached_splits(family, manifest["data"], manifest["model"])
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -77,18 +104,32 @@ def probe_peak_bytes(manifest: dict) -> dict:
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(prec)
     batch = next(iter(family.loader(splits.get("train", "fit"), hp.batch_size, shuffle=False, seed=0)))
     batch = tuple(b.to(dev) if hasattr(b, "to") else b for b in batch)
-    for _ in range(2):  # the second step has the optimizer state allocated: the steady-state peak
-        with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
-            loss = family.loss(model, batch, hp)
-        loss.backward()
-        opt.step()
+
+    def two_steps(rows: int) -> None:
+        part = slice_rows(batch, 0, rows)
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(2):  # the second step has the optimizer state allocated: the steady-state peak
+            with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+                loss = family.loss(model, part, hp)
+            loss.backward()
+            del loss
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    def release() -> None:
         opt.zero_grad(set_to_none=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    rows, failed = fitting_rows(two_steps, resolve_micro(knob, hp.batch_size), hp.batch_size,
+                                shrink=knob == "auto", release=release)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     total = torch.cuda.get_device_properties(0).total_memory
-    del model, opt, batch, loss
+    del model, opt, batch
     torch.cuda.empty_cache()
-    return {"peak_bytes": int(peak), "total_bytes": int(total), "batch_size": hp.batch_size, "precision": prec}
+    return {"peak_bytes": int(peak), "total_bytes": int(total), "batch_size": hp.batch_size, "micro_batch": rows,
+            "micro_failed": failed, "precision": prec}
 
 
 def resolve_gpus(manifest: dict, sweep_dir: Path | None = None, *, notice=print) -> float:
@@ -112,7 +153,9 @@ def resolve_gpus(manifest: dict, sweep_dir: Path | None = None, *, notice=print)
         probe = ray.remote(num_gpus=1, num_cpus=0)(probe_peak_bytes) if ray.is_initialized() else probe_peak_bytes
         meas = ray.get(probe.remote(manifest)) if ray.is_initialized() else probe(manifest)
         rec = {**choose_fraction(meas["peak_bytes"], meas["total_bytes"]), "probe": meas}
-        notice(f"resources.gpus: auto -> {rec['gpus']:.4g} ({rec['per_gpu']} per GPU; one step peaked at "
+        micro = meas.get("micro_batch") or meas.get("batch_size")
+        at = f" at micro-batch {micro} of batch {meas['batch_size']}" if micro != meas.get("batch_size") else ""
+        notice(f"resources.gpus: auto -> {rec['gpus']:.4g} ({rec['per_gpu']} per GPU; one step{at} peaked at "
                f"{meas['peak_bytes'] / 2**20:.0f} MiB, x{HEADROOM} + {CONTEXT_BYTES / 2**20:.0f} MiB context, "
                f"of {meas['total_bytes'] / 2**30:.1f} GiB)" + ("" if rec["fits"] else "; WARNING: may not fit on one GPU"))
     if cache:

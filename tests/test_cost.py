@@ -56,6 +56,29 @@ def test_choose_fraction_never_overcommits_across_sizes():
     assert packing.choose_fraction(1 * GiB, 80 * GiB, headroom=2.0, max_per_gpu=64)["per_gpu"] == 30
 
 
+def test_packing_probe_shrinks_like_the_trials():
+    """resources.gpus: auto with training.micro_batch: auto: a largest batch that runs out of the whole GPU is
+    probed at the micro-batch the trials will use (the next smaller divisors), not failed; with a fixed
+    micro-batch the error stays (the stand-in is CUDA's own error: this machine has no GPU)."""
+    import torch
+
+    ran, released = [], []
+
+    def run(rows):
+        ran.append(rows)
+        if rows > 5:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    assert packing.fitting_rows(run, 24, 24, shrink=True, release=lambda: released.append(1)) == (
+        3, ["24 rows: out of memory", "12 rows: out of memory", "6 rows: out of memory"])
+    assert ran == [24, 12, 6, 3] and len(released) == 3  # halving: the largest divisor of 24 up to half
+    with pytest.raises(torch.OutOfMemoryError):
+        packing.fitting_rows(run, 24, 24, shrink=False)
+    with pytest.raises(torch.OutOfMemoryError):
+        packing.fitting_rows(lambda rows: run(rows + 5), 24, 24, shrink=True)  # not even 1 row
+    assert packing.fitting_rows(run, 3, 24, shrink=False) == (3, [])
+
+
 def test_choose_fraction_rejects_nonsense():
     with pytest.raises(ValueError):
         packing.choose_fraction(1.0, 0)
