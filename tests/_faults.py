@@ -99,6 +99,12 @@ def kill_ray_of(ray_tmp: Path, pgid: int, timeout: float = 20) -> int:
 # ------------------------------------------------------------------------- sweep-dir progress
 
 
+def line_key(r: dict) -> tuple:
+    """What identifies one report, read from result.json or from its progress.csv twin alike (the CSV
+    flattens nested values and types cells its own way, so whole lines compare unequal across the two)."""
+    return (int(r["epoch"]), int(r["training_iteration"]), str(r["date"]), int(r["pid"]))
+
+
 def result_lines(trial_dir: Path) -> list[dict]:
     """Tune's per-trial result lines. A driver killed while Tune's background thread uploaded the
     trial's files can leave result.json at 0 bytes; then its twin progress.csv (same reports) is
