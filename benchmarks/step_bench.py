@@ -157,7 +157,7 @@ def main(argv=None):
     dev, st, fam, hp = p.device, p.stepper, p.family, p.hp
     info = dict(manifest=Path(a.manifest).name, overrides=a.set, label=a.label, size=m["model"]["size"],
                 strategy=p.strategy, compile=bool(st.compiled), bs=hp.batch_size, micro=st.micro,
-                micro_failed=list(p.micro_failed),
+                micro_failed=list(st.micro_failed),
                 probe_gb=[round(v / 1e9, 2) if isinstance(v, int) and i else v
                           for i, v in enumerate(st.probe_peak)] if st.probe_peak else None,
                 device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", torch=torch.__version__)

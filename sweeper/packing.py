@@ -56,23 +56,23 @@ def _largest_batch(manifest: dict) -> int:
 
 def fitting_rows(run, rows: int, batch_rows: int, *, shrink: bool, release=lambda: None) -> tuple[int, list[str]]:
     """``run(rows)`` at ``rows``; when it runs out of GPU memory and ``shrink`` (``training.micro_batch:
-    auto``: the trials will split their batches the same way), again at the next smaller divisor of
-    ``batch_rows``, down to 1 row. Returns the rows that ran and, for each size that did not, why."""
+    auto``: the trials will split their batches the same way), again at smaller divisors of
+    ``batch_rows`` as a trial would (``trainables.speed.largest_fitting``), down to 1 row. Returns the
+    rows that ran and, for each size that did not, why."""
     import torch
 
-    from trainables.speed import _smaller_divisor
+    from trainables.speed import largest_fitting
 
-    failed: list[str] = []
-    while True:
+    def attempt(r: int) -> str | None:
         try:
-            run(rows)
-            return rows, failed
+            run(r)
         except torch.OutOfMemoryError:
-            if not shrink or rows == 1:
+            if not shrink:
                 raise
-        failed.append(f"{rows} rows: out of memory")  # out of the except block: the failed run's frames are freed
-        rows = _smaller_divisor(rows, batch_rows)
-        release()
+            return "out of memory"  # returned, so the failed run's frames are freed before release()
+        return None
+
+    return largest_fitting(attempt, rows, batch_rows, release)
 
 
 def probe_peak_bytes(manifest: dict) -> dict:

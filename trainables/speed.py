@@ -567,8 +567,27 @@ def _add_weighted(total: torch.Tensor | None, loss: torch.Tensor, w: float) -> t
     return d if total is None else total + d
 
 
-class MicroBatchError(RuntimeError):
-    """``training.micro_batch: auto`` found no micro-batch that fits."""
+class MicroBatchError(torch.OutOfMemoryError):
+    """``training.micro_batch: auto`` found no micro-batch that fits, not even 1 row."""
+
+
+def largest_fitting(try_rows: Callable[[int], str | None], start: int, n: int,
+                    release: Callable[[], None]) -> tuple[int, list[str]]:
+    """The largest number of rows, from ``start`` down through divisors of ``n`` (each at most half the
+    last), for which ``try_rows(rows)`` returns None (else why that many did not fit); ``release()``
+    between tries. Returns it and, for each size that did not fit, why. Shared by a trial's
+    ``micro_batch: auto`` (``Stepper.fit_micro_batch``) and the packing probe (``sweeper.packing``)."""
+    failed: list[str] = []
+    m = start
+    while True:
+        why = try_rows(m)
+        if why is None:
+            return m, failed
+        failed.append(f"{m} rows: {why}")
+        if m == 1:
+            raise MicroBatchError("not even a micro-batch of 1 row fits in GPU memory (" + "; ".join(failed) + ")")
+        release()
+        m = _smaller_divisor(m, n)
 
 
 class Stepper:
@@ -772,7 +791,7 @@ class Stepper:
         else:
             for i, (b, w) in enumerate(parts):
                 last = i == last_i
-                with self._no_sync(last):
+                with self._no_sync(last) if last_i else contextlib.nullcontext():
                     with self.autocast:
                         loss = self.fwd(b)
                     if last and self.reducer is not None:
@@ -804,20 +823,12 @@ class Stepper:
         n = batch_units(batch)[0]
         reserve = 0 if self.opt.state else sum(2 * p.numel() * 4 for p in self.params)
         cuda = self.device.type == "cuda"
-        failed: list[str] = []
-        m = n
-        while True:
-            why = self._try_rows(slice_rows(batch, 0, m) if m < n else batch, reserve, budget_bytes, cuda)
-            if why is None:
-                self.micro = m
-                self.micro_failed.extend(failed)
-                return m, failed
-            failed.append(f"{m} rows: {why}")
-            if m == 1:
-                raise MicroBatchError("not even a micro-batch of 1 row fits in GPU memory ("
-                                      + "; ".join(failed) + ")")
-            m = _smaller_divisor(m, n)
-            self._release(reset_compiled=True)
+        m, failed = largest_fitting(
+            lambda rows: self._try_rows(slice_rows(batch, 0, rows) if rows < n else batch, reserve, budget_bytes, cuda),
+            n, n, lambda: self._release(reset_compiled=True))
+        self.micro = m
+        self.micro_failed.extend(failed)
+        return m, failed
 
     def _try_rows(self, b, reserve: int, budget: int | None, cuda: bool) -> str | None:
         """One forward and backward of ``b`` with ``reserve`` bytes held: None if it fit, else why not."""
@@ -842,8 +853,6 @@ class Stepper:
             why = "out of memory"
         hold = loss = None  # the graph (activations) of a backward that ran out goes with the loss
         self.opt.zero_grad(set_to_none=True)
-        if why is not None:
-            self._release(reset_compiled=False)
         return why
 
     @torch.no_grad()
@@ -942,8 +951,6 @@ class Prepared:
     start_epoch: int
     resumed_from: str | None
     flops_unit: float | None = None
-    micro_batch: int = 0
-    micro_failed: tuple[str, ...] = ()
 
     def longest_batch(self):
         """The first epoch's batch of the longest rows (its padded shape is the epoch's largest), on
@@ -1080,7 +1087,7 @@ def prepare(config: dict, spec, reporter=None, *, use_ray_train: bool = False) -
     if resumed:
         log.info("resumed from %s at epoch %d", resumed, start_epoch)
     return Prepared(family, hp, splits, stepper, device, rank, world, seed, strategy, steps_per_epoch,
-                    init_report, start_epoch, resumed, flops_unit, stepper.micro)
+                    init_report, start_epoch, resumed, flops_unit)
 
 
 def choose_micro_batch(p: Prepared, m: dict) -> bool:
@@ -1099,15 +1106,14 @@ def choose_micro_batch(p: Prepared, m: dict) -> bool:
             # error, not its neighbours' (without the cap a try grows until the whole card is full)
             torch.cuda.set_per_process_memory_fraction(share, st.device)
         try:
-            p.micro_batch, failed = st.fit_micro_batch(p.longest_batch(), gpu_budget_bytes(st.device, share))
+            st.fit_micro_batch(p.longest_batch(), gpu_budget_bytes(st.device, share))
         finally:
             if capped:
                 torch.cuda.set_per_process_memory_fraction(1.0, st.device)
-        p.micro_failed = tuple(failed)
         st.shrink_on_oom = True
-    if p.micro_batch < p.hp.batch_size:
-        log.info("micro-batch %d x %d = batch %d%s", p.micro_batch, -(-p.hp.batch_size // p.micro_batch),
-                 p.hp.batch_size, f" (did not fit: {'; '.join(p.micro_failed)})" if p.micro_failed else "")
+    if st.micro < p.hp.batch_size:
+        log.info("micro-batch %d x %d = batch %d%s", st.micro, -(-p.hp.batch_size // st.micro),
+                 p.hp.batch_size, f" (did not fit: {'; '.join(st.micro_failed)})" if st.micro_failed else "")
     return tried
 
 
