@@ -202,7 +202,8 @@ class QwenRegression(Family):
         # ``mask`` only picks what is pooled. ``model.mask_attention = True`` passes it in as before (the A/B of
         # benchmarks/eval_bench.py; tests/test_speed.py shows both give the same outputs).
         attn = mask if getattr(model, "mask_attention", False) else None
-        h = model.backbone(input_ids=ids, attention_mask=attn).last_hidden_state
+        # use_cache=False: no DynamicCache is built and updated in every layer (nothing here decodes)
+        h = model.backbone(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
         if mask is None:  # no padding in this batch (the GPU path's length buckets): no mask at all
             return model.head(h.mean(1) if model.pooling == "mean" else h[:, -1])
         if model.pooling == "mean":
