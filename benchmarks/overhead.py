@@ -2,7 +2,9 @@
 
 Three variants, each in its own Python process with its own ``ray.init(num_cpus=2)`` (so none
 inherits another's warm workers), run one after another in the same invocation and timed
-around the sweep only (Ray start-up excluded for all three):
+around the sweep only (Ray start-up excluded for all three; ``sweeper`` starts Ray as ``python -m sweeper``
+does, ``runner.init_ray``, the plain variants with ``ray.init``; after it, each imports Tune and the sweeper
+variant loads its manifest, then the clock starts):
 
   sweeper       the product's path: a manifest (trainable ``sleep_bench``, random search through
                 OptunaSearch, no checkpoints: ``training.checkpoint_every=0``) -> ``runner.run_sweep``
@@ -53,7 +55,12 @@ def run_variant(name: str) -> dict:
 
     sys.path.insert(0, str(ROOT))
     tmp = tempfile.mkdtemp(prefix=f"overhead-{name}-")
-    ray.init(num_cpus=SLOTS, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    if name == "sweeper":  # Ray started as ``python -m sweeper`` starts it
+        from sweeper import runner
+
+        runner.init_ray(None, num_cpus=SLOTS, dashboard=False)
+    else:
+        ray.init(num_cpus=SLOTS, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     out: dict = {"variant": name}
     from ray import tune  # noqa: F401 - imported before the clock starts in every variant alike
 

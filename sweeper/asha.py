@@ -11,6 +11,7 @@ import json
 
 import logging
 import os
+import time
 
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
@@ -20,25 +21,40 @@ log = logging.getLogger(__name__)
 # experiment dir (storage) -> the driver's staging dir where Tune writes each snapshot set whole,
 # before a background thread uploads it file by file; read by runner.snapshot_keeper
 STAGING: dict[str, str] = {}
+# experiment dir (realpath) -> Tune's experiment checkpoint manager, whose ``_last_save_time`` changes when a
+# snapshot has been written: the keeper looks at the staging dir only then, not after every step
+SAVER: dict[str, object] = {}
 
 
 def _register_staging(ctrl) -> None:
     storage = getattr(ctrl, "__dict__", {}).get("_storage")
     try:
-        STAGING[os.path.realpath(storage.experiment_fs_path)] = storage.experiment_driver_staging_path
+        key = os.path.realpath(storage.experiment_fs_path)
+        STAGING[key] = storage.experiment_driver_staging_path
+        mgr = ctrl.__dict__.get("_checkpoint_manager")
+        if mgr is not None and hasattr(mgr, "_last_save_time"):
+            SAVER[key] = mgr
     except Exception:  # noqa: BLE001 - no staging dir known: the keeper copies from storage instead
         pass
 
 
+# How long after a trial is added its snapshot is taken: long enough for the trial's actor to be reset
+# and the trial started first (a few ms), short against any epoch.
+SNAPSHOT_DELAY_S = 0.05
+
+
 class SnapshotOnChange:
-    """Scheduler mixin: Tune snapshots the experiment at the end of the step in which a trial was
+    """Scheduler mixin: Tune snapshots the experiment within ``SNAPSHOT_DELAY_S`` of a trial being
     added, not only when its snapshot period has passed.
 
     A driver killed between snapshots loses every trial the last snapshot did not name: restore
     drops it (the restored searcher never issued it) and a new configuration replaces it, so its
     work is lost. Under CPU load Tune's steps stretch out and whole trials could start and finish
     between two periodic snapshots. With this, a trial is in the snapshot before its first epoch
-    ends. (A trial that finished after the last snapshot needs none: the restore resumes it from
+    ends. The snapshot waits ``SNAPSHOT_DELAY_S`` so that it is written after the trial has been
+    started, not between its actor's reset and its start: at the end of the step that adds the trial,
+    its ~6 ms (Tune's save and the keeper's zip) sat on the path from one trial's end to the next
+    one's start, 0.1-0.2 s of a 40 x 1 s sweep on 2 CPUs (benchmarks/RESULTS.md (a5)). (A trial that finished after the last snapshot needs none: the restore resumes it from
     its final checkpoint and it reports its last epoch once more, nothing retrained. Snapshotting
     on completions too cost 40 x 1 s trials 5 % more wall time: benchmarks/RESULTS.md (a2).)
 
@@ -60,11 +76,14 @@ class SnapshotOnChange:
                 log.warning("this Ray Tune has no experiment-snapshot flag: a killed driver may lose "
                             "the trials started since Tune's last periodic snapshot")
             return
-        # due now, not forced: Tune writes the set to its staging dir at the end of this step (which
-        # runner.snapshot_keeper zips) and starts the upload without waiting for the last one, as
-        # its own periodic snapshot does. (``_should_force_sync_up`` would block the driver loop on
-        # every upload: 10 % slower on 40 x 1 s trials.)
-        mgr._last_save_time = float("-inf")
+        # due SNAPSHOT_DELAY_S from now, not forced: Tune writes the set to its staging dir at the end
+        # of the first step after that (which runner.snapshot_keeper zips) and starts the upload
+        # without waiting for the last one, as its own periodic snapshot does.
+        # (``_should_force_sync_up`` would block the driver loop on every upload: 10 % slower on
+        # 40 x 1 s trials.) A snapshot already due stays due.
+        period = getattr(mgr, "_checkpoint_period", None)
+        due = (time.monotonic() - period + SNAPSHOT_DELAY_S) if isinstance(period, (int, float)) else float("-inf")
+        mgr._last_save_time = min(mgr._last_save_time, due)
 
     def on_trial_add(self, tune_controller, trial):
         super().on_trial_add(tune_controller, trial)

@@ -71,7 +71,30 @@ def init_ray(address: str | None, *, num_cpus: int | None = None, dashboard: boo
         ray.init(address=address, **kw)
         artifacts.warn_if_unauthenticated()
     else:
+        # Tune starts each trial actor with runtime_env {"env_vars": {"PL_DISABLE_FORK": "1"}}, and an
+        # actor with environment variables of its own cannot use the workers Ray started ahead of
+        # demand: each waited for a fresh worker process (~0.6 s on 2 CPUs, benchmarks/RESULTS.md (a5)).
+        # Set here, before Ray starts, every worker inherits the variable, and Tune need not add it.
+        for k, v in _TUNE_ACTOR_ENV.items():
+            os.environ.setdefault(k, v)
         ray.init(num_cpus=num_cpus, include_dashboard=dashboard, **kw)
+        _tune_env_inherited()
+
+
+_TUNE_ACTOR_ENV = {"PL_DISABLE_FORK": "1"}  # ray.tune.execution.class_cache.DEFAULT_ENV_VARS (Ray 2.60)
+
+
+def _tune_env_inherited() -> None:
+    """Drop from Tune's per-actor environment the variables this Ray's workers inherit with the same
+    value, so the trial actors take the pre-started workers (an empty ``env_vars`` does not need
+    workers of its own). Tune keeps adding whatever else it propagates (AWS keys, Train settings)."""
+    try:
+        from ray.tune.execution import class_cache
+    except ImportError:
+        return
+    for k in list(getattr(class_cache, "DEFAULT_ENV_VARS", {})):
+        if os.environ.get(k) == class_cache.DEFAULT_ENV_VARS[k]:
+            del class_cache.DEFAULT_ENV_VARS[k]
 
 
 def trial_resources(m, gpus: float | None = None) -> dict:
@@ -137,6 +160,17 @@ def _intact_bytes(name: str, data: bytes) -> bool:
     return _pickle_whole(data)
 
 
+def _ends_whole(name: str, data: bytes) -> bool:
+    """The cheap check for the staging set: Tune wrote it in this process, synchronously, in the step
+    that just ended, so it is whole unless that write failed part-way, which cuts the end off. A
+    pickle ends with STOP, the JSON with its closing bracket. (``_intact_bytes`` walks every opcode
+    or parses the JSON: ~3 ms a snapshot here, on the path from one trial's end to the next start.)"""
+    end = data.rstrip()[-1:]
+    if data[:1] == b"\x80" or not name.endswith(".json"):
+        return end == b"."
+    return end in (b"}", b"]")
+
+
 LAST_GOOD = ".sweeper-last-good"
 
 
@@ -173,10 +207,11 @@ def snapshot_keeper(exp_dir: Path):
             self.exp_dir = Path(exp_dir)
             self.sig = None
             self.bundle_sig = None
+            self.seen_save = None  # Tune's _last_save_time at the last look that found the set kept
             self.t = 0.0
 
         def on_step_end(self, iteration, trials, **info):
-            if self.keep_bundle():
+            if self.keep_bundle(only_after_save=True):
                 return  # the zip is the kept set: copying the sweep dir's files as well is work done twice
             now = time.monotonic()
             if now - self.t >= 1.0:
@@ -187,13 +222,21 @@ def snapshot_keeper(exp_dir: Path):
             if not self.keep_bundle():
                 self.keep()
 
-        def keep_bundle(self) -> bool:
-            """Zip the staging set if it changed; False where the staging dir is unknown."""
+        def keep_bundle(self, only_after_save: bool = False) -> bool:
+            """Zip the staging set if it changed; False where the staging dir is unknown.
+            ``only_after_save``: look at the staging dir only if Tune has saved a snapshot since the
+            last look (listing it after every step cost the driver ~0.8 ms a step, on the path from
+            one trial's end to the next one's start)."""
             import importlib
 
-            staging = importlib.import_module("sweeper.asha").STAGING.get(os.path.realpath(self.exp_dir))
+            asha_mod = importlib.import_module("sweeper.asha")
+            key = os.path.realpath(self.exp_dir)
+            staging = asha_mod.STAGING.get(key)
             if not staging:
                 return False
+            saved = getattr(asha_mod.SAVER.get(key), "_last_save_time", None)
+            if only_after_save and saved is not None and saved == getattr(self, "seen_save", None):
+                return True
             try:
                 sessions = {k: v for k, v in _sessions(Path(staging)).items()
                             if any(f.name.startswith("experiment_state-") for f in v)}
@@ -203,9 +246,10 @@ def snapshot_keeper(exp_dir: Path):
                 files = sessions[sess]
                 sig = tuple(sorted((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files))
                 if sig == self.bundle_sig:
+                    self.seen_save = saved
                     return True
                 data = {f.name: f.read_bytes() for f in files}
-                if not all(_intact_bytes(n, b) for n, b in data.items()):
+                if not all(_ends_whole(n, b) for n, b in data.items()):
                     return True
                 bdir = self.exp_dir / LAST_GOOD
                 bdir.mkdir(exist_ok=True)
@@ -217,7 +261,7 @@ def snapshot_keeper(exp_dir: Path):
                 # one (an fsync per snapshot was most of their cost on 1 s trials); after a power
                 # loss the CRCs refuse a zip whose data did not reach the disk
                 os.replace(tmp, bdir / f"{sess}.zip")
-                self.bundle_sig = sig
+                self.bundle_sig, self.seen_save = sig, saved
                 self.keep_tuner(bdir)
             except OSError as e:
                 log.debug("snapshot keeper: %s", e)

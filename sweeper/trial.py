@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -423,6 +424,20 @@ def sweeper_trainable(fn):
     base = wrap_function(fn)
 
     class SweeperTrial(base):
+        def __init__(self, *args, **kwargs):
+            _ipython_only_if_loaded()
+            super().__init__(*args, **kwargs)
+
+        def train_buffered(self, a, b=1000):
+            """Tune's result buffering (``runner._result_buffering``), with the arguments read right.
+            Ray 2.60's controller calls ``train_buffered(buffer_length, buffer_time_s)`` against the
+            signature ``train_buffered(buffer_time_s, max_buffer_length)``: a buffer of at most 1.0
+            results, so every report waited for the driver's round trip (~3.5 ms each on 2 CPUs;
+            benchmarks/RESULTS.md (a5)). The controller's order is (int, float); any other call is
+            taken as the signature says."""
+            length, secs = (a, b) if isinstance(a, int) and isinstance(b, float) else (b, a)
+            return super().train_buffered(buffer_time_s=secs, max_buffer_length=length)
+
         def reset_config(self, new_config):
             os.environ["TUNE_FUNCTION_THREAD_TIMEOUT_S"] = REUSE_WAIT_S  # read by Tune's reset_config
             return super().reset_config(new_config)
@@ -441,6 +456,25 @@ def sweeper_trainable(fn):
             return super().restore(checkpoint_path)
 
     return SweeperTrial  # the actor shows as ray::SweeperTrial
+
+
+def _ipython_only_if_loaded() -> None:
+    """Tune's ``Trainable.__init__`` calls ``disable_ipython()`` in every actor, which imports IPython
+    (where installed) only to clear IPython's shell singleton: 0.3 s of each trial actor's start on 2
+    CPUs (benchmarks/RESULTS.md (a5)). A worker that never imported IPython has no shell to clear, so
+    the call is passed on only where IPython is loaded."""
+    import ray.tune.trainable.trainable as tt
+
+    orig = tt.disable_ipython
+    if getattr(orig, "sweeper_wrapped", False):
+        return
+
+    def disable_ipython():
+        if "IPython" in sys.modules:
+            orig()
+
+    disable_ipython.sweeper_wrapped = True
+    tt.disable_ipython = disable_ipython
 
 
 def _is_local(fs) -> bool:

@@ -1,47 +1,60 @@
-"""Tune's TensorBoard logger, kept off the trials' critical path.
+"""Tune's TensorBoard logger, kept off the trials' critical path and out of the driver's process.
 
-A function trainable's ``tune.report`` blocks until the driver has processed the result (loggers,
-callbacks, scheduler, searcher) and asked for the next one, so every millisecond the driver spends
-per result is a millisecond each reporting trial stands still. Tune's TensorBoard logger costs the
-driver twice: importing tensorboardX (it imports torch: ~2 s, serially before the first trial, or
-stealing the CPU the actors need to start up on a small machine) and a flush (an fsync) after every
-result (~4 ms).
+A function trainable's ``tune.report`` waits for the driver to take the result, so every
+millisecond the driver's Python thread spends elsewhere, each reporting trial stands still. Tune's
+TensorBoard logger costs the driver in two ways:
 
-This subclass writes the same event files from one background thread: the driver only enqueues.
-The thread starts at the first trial's start (after the actors are up), imports tensorboardX,
-then drains the queue with Tune's own TBX code, flushing by the writer's 30 s timer and at each
-trial's end. ``on_experiment_end`` waits for the queue, so the files are complete when ``fit``
-returns. Being a ``TBXLoggerCallback``, it replaces Tune's default one; the CSV and JSON loggers
-(``progress.csv``/``result.json``, which the results tables read) are untouched.
+- importing tensorboardX, which imports torch: about 1 s of CPU holding the GIL. Done on a thread of
+  the driver, as this module did until 2026-11-27, it still stalled the driver: the first trial's
+  reports took 0.1-0.15 s each instead of 3 ms (benchmarks/overhead_trace.py, benchmarks/RESULTS.md
+  (a5));
+- a flush, an fsync, after every result (about 4 ms).
+
+So the event files are written by a child process (``python -m sweeper.tbxproc``), which runs Tune's
+own ``TBXLoggerCallback`` on stand-ins for the trials: same files, same tags, same hparams. The
+driver only enqueues. One thread of the driver pickles the items and writes them to the child's
+stdin; a full pipe blocks that thread, never the driver. The child starts when the first trial
+starts. It flushes by the writer's 30 s timer and at each trial's end, not per result.
+``on_experiment_end`` closes the pipe and waits for the child, so the files are complete when
+``fit`` returns. Being a ``TBXLoggerCallback``, this replaces Tune's default one. The CSV and JSON
+loggers (``progress.csv``/``result.json``, which the results tables read) are untouched.
+If the child cannot start or dies, the sweep goes on without event files, with one log line.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import pickle
 import queue
+import struct
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 from ray.tune.logger import TBXLoggerCallback
 
 log = logging.getLogger("sweeper")
 
+_WAIT_S = 120.0  # for the child to write what is queued, at the experiment's end
+
 
 class BackgroundTBXLoggerCallback(TBXLoggerCallback):
-    def __init__(self):  # no import here (see the module doc); Tune's state is made on the thread
+    def __init__(self):  # no tensorboardX import here: the child does it (see the module doc)
         self._trial_writer = {}
         self._trial_result = {}
-        self._cls = None
         self._q = None
         self._thread = None
+        self._ids: dict = {}
 
-    # Tune pickles its callbacks into tuner.pkl: no queue or thread in the pickle
+    # Tune pickles its callbacks into tuner.pkl: no queue, thread or process in the pickle
     def __getstate__(self):
-        return {"_trial_writer": {}, "_trial_result": {}, "_cls": None, "_q": None, "_thread": None}
+        return {"_trial_writer": {}, "_trial_result": {}, "_q": None, "_thread": None, "_ids": {}}
 
-    @property
-    def _summary_writer_cls(self):
-        return self._cls
+    def _key(self, trial) -> str:
+        return self._ids.setdefault(trial, str(getattr(trial, "trial_id", None) or len(self._ids)))
 
     def _put(self, item) -> None:
         if self._thread is None:
@@ -51,46 +64,59 @@ class BackgroundTBXLoggerCallback(TBXLoggerCallback):
         self._q.put(item)
 
     def _run(self) -> None:
+        """The driver's side of the pipe: start the child, feed it, wait for it at the end."""
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[1])  # the child imports sweeper from where the driver did
+        env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
         try:
-            from tensorboardX import SummaryWriter
-
-            self._cls = SummaryWriter
-        except Exception as e:  # noqa: BLE001 - no event files, never a failed sweep
-            log.info("TensorBoard events skipped: %s", e)
+            proc = subprocess.Popen([sys.executable, "-m", "sweeper.tbxproc"], stdin=subprocess.PIPE,
+                                    stdout=subprocess.DEVNULL, env=env)
+        except OSError as e:
+            log.info("TensorBoard events skipped: the writer process did not start (%s)", e)
+            proc = None
+        broken = proc is None
         while True:
             item = self._q.get()
             if item is None:
-                return
-            if self._cls is None:
+                break
+            if broken:
                 continue
-            what, trial, arg = item
             try:
-                if what == "start":
-                    TBXLoggerCallback.log_trial_start(self, trial)
-                elif what == "result":
-                    w = self._trial_writer.get(trial)
-                    if w is None:
-                        TBXLoggerCallback.log_trial_start(self, trial)
-                        w = self._trial_writer[trial]
-                    w.flush = _noop  # no fsync per result: the 30 s timer and the trial's end flush
-                    try:
-                        TBXLoggerCallback.log_trial_result(self, arg[0], trial, arg[1])
-                    finally:
-                        del w.flush
-                elif what == "end":
-                    TBXLoggerCallback.log_trial_end(self, trial, arg)
-            except Exception as e:  # noqa: BLE001
-                log.info("TensorBoard event for %s skipped: %s", trial, e)
+                data = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception:  # noqa: BLE001 - a value that does not pickle: log the result without it
+                data = pickle.dumps(_picklable(item), protocol=pickle.HIGHEST_PROTOCOL)
+            try:
+                proc.stdin.write(struct.pack("<I", len(data)) + data)
+            except (BrokenPipeError, OSError, ValueError):
+                broken = True
+                log.info("TensorBoard events incomplete: the writer process exited (%s)", proc.poll())
+        if proc is None:
+            return
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            rc = proc.wait(timeout=_WAIT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+        if rc and not broken:
+            log.info("TensorBoard events may be incomplete: the writer process exited with %s", rc)
 
     def log_trial_start(self, trial):
         trial.init_local_path()
-        self._put(("start", trial, None))
+        self._put(("start", self._key(trial), str(trial.local_path)))
 
-    def log_trial_result(self, iteration, trial, result):
-        self._put(("result", trial, (iteration, dict(result))))
+    def log_trial_result(self, iteration, trial, result):  # Tune drops ``config`` too: it need not pickle
+        if trial not in self._ids:
+            self.log_trial_start(trial)
+        self._put(("result", self._key(trial), iteration, {k: v for k, v in result.items() if k != "config"}))
 
     def log_trial_end(self, trial, failed=False):
-        self._put(("end", trial, failed))
+        if trial in self._ids:
+            self._put(("end", self._key(trial), bool(failed), getattr(trial, "evaluated_params", None) or {}))
+            del self._ids[trial]
 
     def on_experiment_end(self, trials, **info):
         if self._thread is not None:
@@ -100,8 +126,16 @@ class BackgroundTBXLoggerCallback(TBXLoggerCallback):
         super().on_experiment_end(trials, **info)
 
 
-def _noop(*_a, **_k) -> None:
-    return None
+def _picklable(item):
+    """``item`` with the values that do not pickle left out (results may hold arbitrary objects)."""
+    def ok(v) -> bool:
+        try:
+            pickle.dumps(v)
+            return True
+        except Exception:  # noqa: BLE001
+            return False
+
+    return tuple({k: v for k, v in x.items() if ok(v)} if isinstance(x, dict) else x for x in item)
 
 
 def loggers() -> list:

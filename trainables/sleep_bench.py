@@ -25,6 +25,7 @@ class SleepFamily:
     def run_trial(self, config: dict, spec, reporter) -> dict:
         """The whole trial (no Lightning): ``max_epochs`` reports, ``sleep_s`` apart."""
         t0 = time.perf_counter()
+        wall0 = time.time()  # epoch seconds: benchmarks/overhead_trace.py lines them up with the driver's clock
         m = spec.manifest
         training = m["training"]
         sleep_s = float(config.get("sleep_s", self.info.hyperparameters["sleep_s"]))
@@ -35,6 +36,7 @@ class SleepFamily:
         train_s = ckpt_s = 0.0
         first_step = time.perf_counter()
         last: dict = {}
+        report_prev_s = 0.0  # how long the previous report took (the benchmark's trace prints it)
         for epoch in range(1, max_epochs + 1):
             t = time.perf_counter()
             time.sleep(sleep_s)
@@ -53,10 +55,14 @@ class SleepFamily:
                 ckpt_s += time.perf_counter() - t
             metrics["time_ckpt_s"] = ckpt_s
             metrics["time_wall_s"] = time.perf_counter() - t0
+            metrics["t_trial_begin"], metrics["t_report"] = wall0, time.time()
+            metrics["report_prev_s"] = report_prev_s
             last = metrics
+            t = time.perf_counter()
             try:
                 reporter.report(metrics, ck)
             finally:
+                report_prev_s = time.perf_counter() - t
                 if tmp:
                     shutil.rmtree(tmp, ignore_errors=True)
         return last
