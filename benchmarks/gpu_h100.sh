@@ -26,18 +26,3 @@ b --manifest $Q15 --label q15-bs64-micro-auto --set search.space.batch_size=64 -
 b --manifest $Q5 --label q05-bs16 --modes product
 b --manifest $Q5 --label q05-bs64-micro-auto --set search.space.batch_size=64 --modes product
 b --manifest $Q5 --label q05-bs128-micro-auto --set search.space.batch_size=128 --modes product
-# training.fuse_projections (trainables/fuse.py): fused (the default on CUDA) against unfused, one process each,
-# in alternating order; the micro-batch as the fifth session chose it
-U=training.fuse_projections=false
-b --manifest $Q5 --label q05-bs64-fused --set search.space.batch_size=64 --modes product
-b --manifest $Q5 --label q05-bs64-unfused --set search.space.batch_size=64 --set $U --modes product
-b --manifest $Q15 --label q15-bs16-fused --set search.space.batch_size=16 --modes product
-b --manifest $Q15 --label q15-bs16-unfused --set search.space.batch_size=16 --set $U --modes product
-b --manifest $VB --label vitb-bs512-fused --set search.space.batch_size=512 --modes product
-b --manifest $VB --label vitb-bs512-unfused --set search.space.batch_size=512 --set $U --modes product
-b --manifest $Q5 --label q05-bs64-unfused-2 --set search.space.batch_size=64 --set $U --modes product
-b --manifest $Q5 --label q05-bs64-fused-2 --set search.space.batch_size=64 --modes product
-b --manifest $Q15 --label q15-bs64-fused --set search.space.batch_size=64 --modes product --steps 6
-# inductor's max-autotune (Triton GEMM templates, epilogue fusion) for the blocks: SWEEPER_COMPILE_MODE
-b --manifest $Q5 --label q05-bs64-unfused-3 --set search.space.batch_size=64 --set $U --modes product
-T=420 SWEEPER_COMPILE_MODE=max-autotune-no-cudagraphs b --manifest $Q5 --label q05-bs64-unfused-maxautotune --set search.space.batch_size=64 --set $U --modes product

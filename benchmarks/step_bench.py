@@ -3,13 +3,10 @@
     python benchmarks/step_bench.py --manifest search_spaces/qwen2.5-0.5b_regression_gpu.yaml \
         [--set training.compile=false ...] [--modes product,loader,plain] [--steps 10] [--smoke]
 
-A/B of the fused projections (``fused``: how many modules run them, trainables/fuse.py):
-``--set training.fuse_projections=false`` against the default.
-
 product: ``trainables.speed.prepare`` (the code a trial runs) builds model, optimizer and schedule from
          the manifest; its ``Stepper.step`` is timed on one batch kept on the GPU.
 loader:  the same step fed by the product's data path (background collate, pinned, side-stream copy).
-plain:   the same family model (projections unfused), a plain loop (bf16 autocast, fused AdamW, loss.backward), like
+plain:   the same family model, a plain loop (bf16 autocast, fused AdamW, loss.backward), like
          ../shared/device/speed_probe_example.py.
 plain-clip: the plain loop plus ``clip_grad_norm_`` (the product clips at ``training.grad_clip``).
 product, plain and plain-clip are built side by side and timed in alternating rounds (``--rounds``,
@@ -159,7 +156,7 @@ def main(argv=None):
     speed.choose_micro_batch(p, m)  # training.micro_batch: auto, as a trial does before its first step
     dev, st, fam, hp = p.device, p.stepper, p.family, p.hp
     info = dict(manifest=Path(a.manifest).name, overrides=a.set, label=a.label, size=m["model"]["size"],
-                strategy=p.strategy, compile=bool(st.compiled), fused=st.fused, bs=hp.batch_size, micro=st.micro,
+                strategy=p.strategy, compile=bool(st.compiled), bs=hp.batch_size, micro=st.micro,
                 micro_failed=list(st.micro_failed),
                 probe_gb=[round(v / 1e9, 2) if isinstance(v, int) and i else v
                           for i, v in enumerate(st.probe_peak)] if st.probe_peak else None,

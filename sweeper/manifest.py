@@ -221,11 +221,6 @@ class TrainingSpec(Strict):
     state), else the largest divisor of the batch that does; elsewhere the whole batch. An int: at most
     that many rows (the largest divisor of the batch that is no larger). The Lightning loop (CPU trials
     under ``strategy: auto``, or ``strategy: lightning``) takes whole batches."""
-    fuse_projections: Union[Literal["auto"], bool] = "auto"
-    """Sibling projections that read the same input run as one matmul on the fast path (Qwen2 q/k/v and
-    gate/up, DINOv2 query/key/value; ``trainables/fuse.py``): the same math, the same parameters and
-    state_dict. ``auto``: on CUDA, except under DeepSpeed ZeRO-3 (never fused there); ``true``: also on the
-    CPU; ``false``: never."""
 
     @field_validator("micro_batch", mode="before")
     @classmethod
@@ -233,13 +228,6 @@ class TrainingSpec(Strict):
         if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
             return v
         raise ValueError("must be 'auto' or a whole number of rows >= 1")
-
-    @field_validator("fuse_projections", mode="before")
-    @classmethod
-    def _fuse_projections(cls, v: Any) -> Any:
-        if v == "auto" or isinstance(v, bool):
-            return v
-        raise ValueError("must be auto, true or false")
 
 
 class DDPSpec(Strict):
@@ -822,8 +810,7 @@ class Loaded:
 # A new setting with a default belongs here: at that default it leaves a sweep's identity (its directory) as
 # it was, so re-running an older manifest still resumes its sweep. (tests/test_manifest.py holds an identity
 # computed before ``training.micro_batch`` was added.)
-LATER_DEFAULTS: dict[tuple[str, str], Any] = {("training", "micro_batch"): "auto",
-                                              ("training", "fuse_projections"): "auto"}
+LATER_DEFAULTS: dict[tuple[str, str], Any] = {("training", "micro_batch"): "auto"}
 
 
 def load(path: str | os.PathLike, overrides: list[str] | None = None) -> Loaded:

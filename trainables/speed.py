@@ -9,8 +9,6 @@ fast, each measured in ``benchmarks/`` against the plain-PyTorch step it wraps:
   ``zero_allow_untested_optimizer``: no just-in-time build of DeepSpeed's own ops);
 - SDPA attention (the families build their configs with ``attn_implementation="sdpa"``);
 - regional ``torch.compile`` (each repeated block compiled once, ``training.compile``);
-- sibling projections fused: Qwen2's q/k/v and gate/up, DINOv2's query/key/value, each set one matmul
-  (``training.fuse_projections``, ``trainables/fuse.py``; parameters and state_dict unchanged);
 - no host stalls: batches are collated and pinned on a background thread and copied to the GPU on a
   side stream one step ahead; the loss is summed on the device and read once per epoch; no
   ``.item()`` per step; token batches are length-bucketed (padding only within a bucket, and no
@@ -38,8 +36,6 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-
-from .fuse import fuse_projections, resolve_fuse
 
 log = logging.getLogger("sweeper.speed")
 
@@ -106,17 +102,15 @@ def compile_blocks(model: nn.Module, *, hooks_outside: bool = False) -> int:
     import torch._dynamo
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    # SWEEPER_COMPILE_MODE (a torch.compile mode, e.g. max-autotune-no-cudagraphs): for benchmarks only
-    kw = {"mode": os.environ["SWEEPER_COMPILE_MODE"]} if os.environ.get("SWEEPER_COMPILE_MODE") else {}
     blocks = repeated_blocks(model)
     if blocks is None:
-        model.compile(**kw)
+        model.compile()
         return 1
     for b in blocks:
         if hooks_outside:
-            b.forward = torch.compile(b.forward, **kw)
+            b.forward = torch.compile(b.forward)
         else:
-            b.compile(**kw)
+            b.compile()
     return len(blocks)
 
 
@@ -602,7 +596,7 @@ class Stepper:
     def __init__(self, family, model: nn.Module, hp, *, strategy: str, device: torch.device, precision: str,
                  grad_clip: float, total_steps: int, step_offset: int = 0, compile_: bool = False,
                  ds: dict | None = None, world: int = 1, ddp: dict | None = None, fsdp: dict | None = None,
-                 micro_batch: int | None = None, fuse: bool = False):
+                 micro_batch: int | None = None):
         from sweeper.manifest import DDPSpec, FSDPSpec
 
         from .base import cosine_with_warmup
@@ -623,10 +617,6 @@ class Stepper:
         self._updating = False
         self.probe_peak: tuple[int, int, int | None] | None = None  # (rows, peak bytes, budget) of the last try that ran
         self.fsdp = strategy == "fsdp" and world > 1
-        # the fused forwards go in before the blocks are compiled (the graphs trace them); 0: unfused.
-        # Never under ZeRO-3, whose hooks gather a projection's weight only when the projection is called
-        zero3 = strategy == "deepspeed" and int((ds or {}).get("stage", 2)) == 3
-        self.fused = fuse_projections(model) if (fuse and not zero3) else 0
         self.compiled = compile_blocks(model, hooks_outside=self.fsdp) if compile_ else 0
         on_cuda = device.type == "cuda"
         self.ds = ds or {}
@@ -1081,13 +1071,11 @@ def prepare(config: dict, spec, reporter=None, *, use_ray_train: bool = False) -
     except Exception:  # noqa: BLE001 - MFU is informative only
         flops_unit = None
     compile_ = resolve_compile(training.get("compile", "auto"), on_gpu, strategy, int(ds["stage"]))
-    fuse = resolve_fuse(training.get("fuse_projections", "auto"), on_gpu, strategy, int(ds["stage"]))
     clip = (hp.grad_clip if hp.grad_clip is not None else training["grad_clip"]) or 0.0
     stepper = Stepper(family, model, hp, strategy=strategy, device=device, precision=precision, grad_clip=clip,
                       total_steps=steps_per_epoch * max_epochs, step_offset=steps_per_epoch * start_epoch,
                       compile_=compile_, ds=ds, world=world, ddp=m["training"].get("ddp"),
-                      fsdp=m["training"].get("fsdp"), fuse=fuse,
-                      micro_batch=resolve_micro(training.get("micro_batch"), hp.batch_size))
+                      fsdp=m["training"].get("fsdp"), micro_batch=resolve_micro(training.get("micro_batch"), hp.batch_size))
     if resumed and strategy == "deepspeed":
         if not stepper.load_engine(resumed):  # a checkpoint from another strategy: weights only
             stepper.inner.load_state_dict({k: v for k, v in ckpt_mod.load_checkpoint(resumed).model_state.items()},
