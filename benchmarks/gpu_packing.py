@@ -213,7 +213,9 @@ def main() -> int:
     os.environ["SWEEPER_MEMORY_LOG"] = str(mem_log.resolve())  # before ray.init: the workers inherit it
     import ray
 
-    ray.init(num_cpus=None if not args.smoke else 2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    from sweeper import runner
+
+    runner.init_ray(None, num_cpus=None if not args.smoke else 2, dashboard=False)  # as python -m sweeper starts Ray
     n_gpus = int(ray.cluster_resources().get("GPU", 0))
     if not n_gpus and not args.smoke:
         raise SystemExit("no GPU in this Ray cluster: run with --smoke for the CPU check")
