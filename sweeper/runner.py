@@ -163,12 +163,13 @@ def _intact_bytes(name: str, data: bytes) -> bool:
 def _ends_whole(name: str, data: bytes) -> bool:
     """The cheap check for the staging set: Tune wrote it in this process, synchronously, in the step
     that just ended, so it is whole unless that write failed part-way, which cuts the end off. A
-    pickle ends with STOP, the JSON with its closing bracket. (``_intact_bytes`` walks every opcode
-    or parses the JSON: ~3 ms a snapshot here, on the path from one trial's end to the next start.)"""
+    pickle ends with STOP, Tune's JSON (an object) with its closing brace. (``_intact_bytes`` walks
+    every opcode or parses the JSON: ~3 ms a snapshot here, on the path from one trial's end to the
+    next start; the restore still checks each kept file that way before using it.)"""
     end = data.rstrip()[-1:]
     if data[:1] == b"\x80" or not name.endswith(".json"):
         return end == b"."
-    return end in (b"}", b"]")
+    return end == b"}"
 
 
 LAST_GOOD = ".sweeper-last-good"

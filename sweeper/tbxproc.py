@@ -21,8 +21,8 @@ class _Trial:
     def __init__(self, key: str, local_path: str):
         self.key, self.local_path, self.evaluated_params = key, local_path, {}
 
-    def init_local_path(self) -> None:  # the driver made it before sending "start"
-        return None
+    def init_local_path(self) -> None:  # the trial's dir in the sweep: Tune may not have made it yet
+        os.makedirs(self.local_path, exist_ok=True)
 
     def __hash__(self) -> int:
         return hash(self.key)

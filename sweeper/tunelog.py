@@ -11,7 +11,8 @@ TensorBoard logger costs the driver in two ways:
 - a flush, an fsync, after every result (about 4 ms).
 
 So the event files are written by a child process (``python -m sweeper.tbxproc``), which runs Tune's
-own ``TBXLoggerCallback`` on stand-ins for the trials: same files, same tags, same hparams. The
+own ``TBXLoggerCallback`` on stand-ins for the trials: same files, same tags, same hparams, written
+straight into the trial's directory in the sweep (``_events_dir``). The
 driver only enqueues. One thread of the driver pickles the items and writes them to the child's
 stdin; a full pipe blocks that thread, never the driver. The child starts when the first trial
 starts. It flushes by the writer's 30 s timer and at each trial's end, not per result.
@@ -106,7 +107,7 @@ class BackgroundTBXLoggerCallback(TBXLoggerCallback):
 
     def log_trial_start(self, trial):
         trial.init_local_path()
-        self._put(("start", self._key(trial), str(trial.local_path)))
+        self._put(("start", self._key(trial), _events_dir(trial)))
 
     def log_trial_result(self, iteration, trial, result):  # Tune drops ``config`` too: it need not pickle
         if trial not in self._ids:
@@ -124,6 +125,21 @@ class BackgroundTBXLoggerCallback(TBXLoggerCallback):
             self._thread.join()
             self._thread = None
         super().on_experiment_end(trials, **info)
+
+
+def _events_dir(trial) -> str:
+    """Where a trial's event files go: straight into its directory in the sweep when that is on this
+    machine's disk. Tune's own logger writes to the driver's staging copy, which Tune uploads with each
+    snapshot; its last upload comes before ``on_experiment_end``, so events written by the child after
+    it would never reach the sweep dir. Elsewhere (remote storage) the staging copy, as Tune does."""
+    try:
+        import pyarrow.fs
+
+        if isinstance(trial.storage.storage_filesystem, pyarrow.fs.LocalFileSystem) and trial.path:
+            return str(trial.path)
+    except Exception:  # noqa: BLE001 - no storage context: Tune's own place
+        pass
+    return str(trial.local_path)
 
 
 def _picklable(item):
