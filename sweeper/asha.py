@@ -52,11 +52,12 @@ class SnapshotOnChange:
     work is lost. Under CPU load Tune's steps stretch out and whole trials could start and finish
     between two periodic snapshots. With this, a trial is in the snapshot before its first epoch
     ends. The snapshot waits ``SNAPSHOT_DELAY_S`` so that it is written after the trial has been
-    started, not between its actor's reset and its start: at the end of the step that adds the trial,
-    its ~6 ms (Tune's save and the keeper's zip) sat on the path from one trial's end to the next
-    one's start, 0.1-0.2 s of a 40 x 1 s sweep on 2 CPUs (benchmarks/RESULTS.md (a5)). (A trial that finished after the last snapshot needs none: the restore resumes it from
-    its final checkpoint and it reports its last epoch once more, nothing retrained. Snapshotting
-    on completions too cost 40 x 1 s trials 5 % more wall time: benchmarks/RESULTS.md (a2).)
+    started, not between its actor's reset and its start: at the end of the step that adds the
+    trial, its ~6 ms (Tune's save and the keeper's zip) sat on the path from one trial's end to the
+    next one's start, 0.1-0.2 s of a 40 x 1 s sweep on 2 CPUs (benchmarks/RESULTS.md (a5)).
+    (A trial that finished after the last snapshot needs none: the restore resumes it from its
+    final checkpoint and it reports its last epoch once more, nothing retrained. Snapshotting on
+    completions too cost 40 x 1 s trials 5 % more wall time: benchmarks/RESULTS.md (a2).)
 
     Tune gives schedulers the controller wrapped; the wrapper keeps the controller itself in
     ``_tune_controller``, and its ``_checkpoint_manager`` snapshots once ``_last_save_time`` is a

@@ -422,6 +422,7 @@ def sweeper_trainable(fn):
     from ray.tune.trainable.function_trainable import wrap_function
 
     base = wrap_function(fn)
+    swapped = _controller_swaps_buffer_args()
 
     class SweeperTrial(base):
         def __init__(self, *args, **kwargs):
@@ -433,9 +434,9 @@ def sweeper_trainable(fn):
             Ray 2.60's controller calls ``train_buffered(buffer_length, buffer_time_s)`` against the
             signature ``train_buffered(buffer_time_s, max_buffer_length)``: a buffer of at most 1.0
             results, so every report waited for the driver's round trip (~3.5 ms each on 2 CPUs;
-            benchmarks/RESULTS.md (a5)). The controller's order is (int, float); any other call is
-            taken as the signature says."""
-            length, secs = (a, b) if isinstance(a, int) and isinstance(b, float) else (b, a)
+            benchmarks/RESULTS.md (a5)). Whether this Ray's controller swaps them was read from its
+            source when the class was made (``swapped``)."""
+            length, secs = (a, b) if swapped else (b, a)
             return super().train_buffered(buffer_time_s=secs, max_buffer_length=length)
 
         def reset_config(self, new_config):
@@ -456,6 +457,20 @@ def sweeper_trainable(fn):
             return super().restore(checkpoint_path)
 
     return SweeperTrial  # the actor shows as ray::SweeperTrial
+
+
+def _controller_swaps_buffer_args() -> bool:
+    """Whether this Ray's Tune controller passes ``(buffer_length, buffer_time_s)`` positionally to
+    ``Trainable.train_buffered(buffer_time_s, max_buffer_length)`` (Ray 2.60 does)."""
+    import inspect
+
+    try:
+        from ray.tune.execution.tune_controller import TuneController
+
+        src = inspect.getsource(TuneController._schedule_trial_train)
+    except Exception:  # noqa: BLE001 - no source to read: take the signature at its word
+        return False
+    return "args = (buffer_length, buffer_time_s)" in src
 
 
 def _ipython_only_if_loaded() -> None:

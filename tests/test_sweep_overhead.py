@@ -102,12 +102,18 @@ def test_train_buffered_reads_the_controllers_argument_order(monkeypatch):
     seen = []
     monkeypatch.setattr(Trainable, "train_buffered",
                         lambda self, buffer_time_s, max_buffer_length=1000: seen.append((buffer_time_s, max_buffer_length)))
-    cls = sweeper_trainable(lambda config: None)
-    obj = object.__new__(cls)
-    obj.train_buffered(1000, 1.0)  # the controller's order
-    obj.train_buffered(2.0, 50)  # the signature's
+    from sweeper import trial
+
+    assert trial._controller_swaps_buffer_args()  # Ray 2.60, as installed
+    obj = object.__new__(sweeper_trainable(lambda config: None))
+    obj.train_buffered(1000, 2)  # the controller's order (buffer_time_s is an int once it has 20+ tasks)
+    obj.train_buffered(1000, 1.0)
+    assert seen == [(2, 1000), (1.0, 1000)]
+    monkeypatch.setattr(trial, "_controller_swaps_buffer_args", lambda: False)  # a Ray that calls it right
+    obj = object.__new__(sweeper_trainable(lambda config: None))
+    obj.train_buffered(2.0, 50)
     obj.train_buffered(3.0)
-    assert seen == [(1.0, 1000), (2.0, 50), (3.0, 1000)]
+    assert seen[2:] == [(2.0, 50), (3.0, 1000)]
 
 
 def _reports(config):
