@@ -75,26 +75,28 @@ def init_ray(address: str | None, *, num_cpus: int | None = None, dashboard: boo
         # actor with environment variables of its own cannot use the workers Ray started ahead of
         # demand: each waited for a fresh worker process (~0.6 s on 2 CPUs, benchmarks/RESULTS.md (a5)).
         # Set here, before Ray starts, every worker inherits the variable, and Tune need not add it.
-        for k, v in _TUNE_ACTOR_ENV.items():
+        for k, v in _tune_actor_env().items():
             os.environ.setdefault(k, v)
         ray.init(num_cpus=num_cpus, include_dashboard=dashboard, **kw)
         _tune_env_inherited()
 
 
-_TUNE_ACTOR_ENV = {"PL_DISABLE_FORK": "1"}  # ray.tune.execution.class_cache.DEFAULT_ENV_VARS (Ray 2.60)
+def _tune_actor_env() -> dict:
+    """What Tune puts in every trial actor's environment (``class_cache.DEFAULT_ENV_VARS``, Ray 2.60)."""
+    try:
+        from ray.tune.execution import class_cache
+    except ImportError:
+        return {}
+    return getattr(class_cache, "DEFAULT_ENV_VARS", {})
 
 
 def _tune_env_inherited() -> None:
     """Drop from Tune's per-actor environment the variables this Ray's workers inherit with the same
     value, so the trial actors take the pre-started workers (an empty ``env_vars`` does not need
     workers of its own). Tune keeps adding whatever else it propagates (AWS keys, Train settings)."""
-    try:
-        from ray.tune.execution import class_cache
-    except ImportError:
-        return
-    for k in list(getattr(class_cache, "DEFAULT_ENV_VARS", {})):
-        if os.environ.get(k) == class_cache.DEFAULT_ENV_VARS[k]:
-            del class_cache.DEFAULT_ENV_VARS[k]
+    env = _tune_actor_env()
+    for k in [k for k, v in env.items() if os.environ.get(k) == v]:
+        del env[k]
 
 
 def trial_resources(m, gpus: float | None = None) -> dict:

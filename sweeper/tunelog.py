@@ -88,6 +88,8 @@ class BackgroundTBXLoggerCallback(TBXLoggerCallback):
                 data = pickle.dumps(_picklable(item), protocol=pickle.HIGHEST_PROTOCOL)
             try:
                 proc.stdin.write(struct.pack("<I", len(data)) + data)
+                if self._q.empty():  # caught up: hand the child what is buffered (live TensorBoard)
+                    proc.stdin.flush()
             except (BrokenPipeError, OSError, ValueError):
                 broken = True
                 log.info("TensorBoard events incomplete: the writer process exited (%s)", proc.poll())
@@ -132,12 +134,12 @@ def _events_dir(trial) -> str:
     machine's disk. Tune's own logger writes to the driver's staging copy, which Tune uploads with each
     snapshot; its last upload comes before ``on_experiment_end``, so events written by the child after
     it would never reach the sweep dir. Elsewhere (remote storage) the staging copy, as Tune does."""
-    try:
-        import pyarrow.fs
+    from .trial import _is_local
 
-        if isinstance(trial.storage.storage_filesystem, pyarrow.fs.LocalFileSystem) and trial.path:
+    try:
+        if trial.path and _is_local(trial.storage.storage_filesystem):
             return str(trial.path)
-    except Exception:  # noqa: BLE001 - no storage context: Tune's own place
+    except AttributeError:  # no storage context: Tune's own place
         pass
     return str(trial.local_path)
 

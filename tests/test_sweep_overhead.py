@@ -73,6 +73,31 @@ def test_tensorboard_events_come_from_a_child_and_the_driver_imports_neither_ten
     assert "hparams" in plugins  # Tune's hparams, written at the trial's end
 
 
+def test_tensorboard_events_reach_the_child_while_the_sweep_runs(tmp_path):
+    """The driver's side flushes the pipe whenever it has caught up: a trial's event file exists while
+    the sweep still runs (live TensorBoard), not only once the experiment ends and the pipe closes."""
+    pytest.importorskip("tensorboardX")
+    r = _py(f"""
+        import time
+        from pathlib import Path
+        from sweeper.tunelog import BackgroundTBXLoggerCallback
+        class Trial:
+            trial_id, local_path, path, storage = "t1", {str(tmp_path / 'live')!r}, None, None
+            evaluated_params = {{}}
+            def init_local_path(self):
+                pass
+        cb = BackgroundTBXLoggerCallback()
+        cb.log_trial_start(Trial())
+        t0 = time.monotonic()
+        while not list(Path({str(tmp_path / 'live')!r}).glob("events.out.tfevents.*")) and time.monotonic() - t0 < 60:
+            time.sleep(0.1)
+        print(bool(list(Path({str(tmp_path / 'live')!r}).glob("events.out.tfevents.*"))))
+        cb.on_experiment_end([])
+    """)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-1] == "True"
+
+
 def test_tensorboard_events_go_straight_into_the_trials_dir_on_local_storage(tmp_path):
     """Tune's last upload of its staging dir comes before on_experiment_end: events written by the
     child after it would never reach the sweep (seen in tests/test_report.py when the child was late)."""
