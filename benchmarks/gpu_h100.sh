@@ -26,3 +26,30 @@ b --manifest $Q15 --label q15-bs64-micro-auto --set search.space.batch_size=64 -
 b --manifest $Q5 --label q05-bs16 --modes product
 b --manifest $Q5 --label q05-bs64-micro-auto --set search.space.batch_size=64 --modes product
 b --manifest $Q5 --label q05-bs128-micro-auto --set search.space.batch_size=128 --modes product
+# 2026-11-27 (seventh session): experiments toward the MFU targets, each row its own process.
+# --sdpa X: only that SDPA backend (default: PyTorch's choice, cuDNN on the H100). --pure-bf16: an upper bound
+# (model, gradients and AdamW state in bf16), not a product setting.
+b --manifest $Q5 --label q05-bs64 --set search.space.batch_size=64 --modes product
+b --manifest $Q5 --label q05-bs64-purebf16 --set search.space.batch_size=64 --modes product --pure-bf16
+b --manifest $Q5 --label q05-bs64-flash --set search.space.batch_size=64 --modes product --sdpa flash
+b --manifest $VB --label vitb-bs512 --set search.space.batch_size=512 --modes product
+b --manifest $VB --label vitb-bs512-flash --set search.space.batch_size=512 --modes product --sdpa flash
+b --manifest $VB --label vitb-bs512-purebf16 --set search.space.batch_size=512 --modes product --pure-bf16
+b --manifest $Q15 --label q15-bs16 --set search.space.batch_size=16 --modes product
+b --manifest $Q15 --label q15-bs16-purebf16 --set search.space.batch_size=16 --modes product --pure-bf16
+b --manifest $VB --label vitb-bs512-efficient --set search.space.batch_size=512 --modes product --sdpa efficient
+# training.bf16_weights (on by default for one GPU process): against the same step with it off, each its own process
+b --manifest $Q5 --label q05-bs64-bf16w --set search.space.batch_size=64 --modes product,plain
+b --manifest $Q5 --label q05-bs64-mixed --set search.space.batch_size=64 --set training.bf16_weights=false --modes product
+b --manifest $Q15 --label q15-bs16-bf16w --set search.space.batch_size=16 --modes product,plain
+b --manifest $Q15 --label q15-bs16-mixed --set search.space.batch_size=16 --set training.bf16_weights=false --modes product
+b --manifest $VB --label vitb-bs512-bf16w --set search.space.batch_size=512 --modes product,plain
+b --manifest $VB --label vitb-bs512-mixed --set search.space.batch_size=512 --set training.bf16_weights=false --modes product
+b --manifest $Q15 --label q15-bs64-bf16w --set search.space.batch_size=64 --modes product --steps 6
+b --manifest $Q15 --label q15-bs32-bf16w --set search.space.batch_size=32 --modes product --steps 6
+b --manifest $Q5 --label q05-bs64-bf16w-only --set search.space.batch_size=64 --modes product
+b --manifest $Q15 --label q15-bs16-bf16w-only --set search.space.batch_size=16 --modes product
+b --manifest $Q5 --label q05-bs16-bf16w-vs-plain --modes product,plain,plain-clip
+b --manifest $Q5 --label q05-bs16-mixed-vs-plain --set training.bf16_weights=false --modes product,plain,plain-clip
+b --manifest $VB --label vitb-bs512-bf16w-only --set search.space.batch_size=512 --modes product
+b --manifest $VB --label vitb-bs128-bf16w-vs-plain --modes product,plain,plain-clip

@@ -130,6 +130,11 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3, help="alternating timing rounds per mode (median kept)")
     ap.add_argument("--profile", default=None, help="write a torch.profiler table of the product step here (no timing rows)")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--sdpa", default=None, choices=["flash", "cudnn", "efficient", "math"],
+                    help="experiment: only this SDPA backend enabled (torch.backends.cuda flags, before compiling)")
+    ap.add_argument("--pure-bf16", action="store_true",
+                    help="experiment, an upper bound: the product's model cast to bf16 before the first step, so "
+                         "weights, gradients and AdamW's state are bf16 (not a product setting)")
     ap.add_argument("--label", default="")
     ap.add_argument("--out", default=None, help="append JSON lines here")
     a = ap.parse_args(argv)
@@ -141,7 +146,7 @@ def main(argv=None):
     from trainables import speed
     from trainables.base import resolve_precision
 
-    overrides = (SMOKE if a.smoke else []) + a.set
+    overrides = (SMOKE if a.smoke else []) + a.set + (["training.bf16_weights=false"] if a.pure_bf16 else [])
     loaded = mf.load(a.manifest, overrides)
     m = loaded.resolved()
     if a.smoke:
@@ -152,7 +157,12 @@ def main(argv=None):
     spec = TrialSpec(manifest=m)
     rows = []
     modes = a.modes.split(",")
+    if a.sdpa:
+        for name in ("flash", "cudnn", "efficient", "math"):
+            getattr(torch.backends.cuda, f"enable_{'mem_' * (name == 'efficient')}{name}_sdp")(name == a.sdpa)
     p = speed.prepare(config, spec, None)
+    if a.pure_bf16:
+        p.stepper.model.to(torch.bfloat16)  # same Parameter objects: the optimizer (no state yet) follows
     speed.choose_micro_batch(p, m)  # training.micro_batch: auto, as a trial does before its first step
     dev, st, fam, hp = p.device, p.stepper, p.family, p.hp
     info = dict(manifest=Path(a.manifest).name, overrides=a.set, label=a.label, size=m["model"]["size"],
@@ -160,7 +170,8 @@ def main(argv=None):
                 micro_failed=list(st.micro_failed),
                 probe_gb=[round(v / 1e9, 2) if isinstance(v, int) and i else v
                           for i, v in enumerate(st.probe_peak)] if st.probe_peak else None,
-                device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", torch=torch.__version__)
+                device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", torch=torch.__version__,
+                **({"sdpa": a.sdpa} if a.sdpa else {}), **({"pure_bf16": True} if a.pure_bf16 else {}))
     first = next(iter(p.train_loader(0)))
     units_per_batch = speed.batch_units(first)[1]
     flops = p.flops_unit or 0.0

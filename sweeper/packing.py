@@ -86,7 +86,8 @@ def probe_peak_bytes(manifest: dict) -> dict:
 
     from trainables import registry
     from trainables.base import HParams, cached_splits, resolve_precision
-    from trainables.speed import resolve_micro, slice_rows
+    from trainables.speed import (MasterWeights, resolve_micro, resolve_strategy, slice_rows, uses_bf16_weights,
+                                  wants_fast_path)
 
     family = registry.get(manifest["trainable"])
     if not hasattr(family, "build_model"):
@@ -99,8 +100,14 @@ def probe_peak_bytes(manifest: dict) -> dict:
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     model = family.build_model(manifest["model"], splits, hp).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     prec = resolve_precision(manifest["training"]["precision"], True, family.info)
+    # the trial's weights as the trial will hold them: bf16 with fp32 masters and fp32 gradient buffers
+    # (training.bf16_weights), or fp32 under autocast
+    master_on = uses_bf16_weights(manifest["training"].get("bf16_weights", "auto"), on_cuda=True, world=1,
+                                  strategy=resolve_strategy(manifest) if wants_fast_path(manifest) else "lightning",
+                                  precision=prec)
+    master = MasterWeights(model) if master_on else None
+    opt = torch.optim.AdamW(master.masters if master is not None else model.parameters(), lr=1e-4)
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(prec)
     batch = next(iter(family.loader(splits.get("train", "fit"), hp.batch_size, shuffle=False, seed=0)))
     batch = tuple(b.to(dev) if hasattr(b, "to") else b for b in batch)
@@ -109,11 +116,19 @@ def probe_peak_bytes(manifest: dict) -> dict:
         part = slice_rows(batch, 0, rows)
         torch.cuda.reset_peak_memory_stats()
         for _ in range(2):  # the second step has the optimizer state allocated: the steady-state peak
+            if master is not None:
+                master.begin()
+                master.arm()
             with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
                 loss = family.loss(model, part, hp)
             loss.backward()
             del loss
+            if master is not None:
+                master.flush()
+                master.finish()
             opt.step()
+            if master is not None:
+                master.publish()
             opt.zero_grad(set_to_none=True)
 
     def release() -> None:
@@ -126,10 +141,10 @@ def probe_peak_bytes(manifest: dict) -> dict:
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     total = torch.cuda.get_device_properties(0).total_memory
-    del model, opt, batch
+    del model, opt, batch, master
     torch.cuda.empty_cache()
     return {"peak_bytes": int(peak), "total_bytes": int(total), "batch_size": hp.batch_size, "micro_batch": rows,
-            "micro_failed": failed, "precision": prec}
+            "micro_failed": failed, "precision": prec, "bf16_weights": master_on}
 
 
 def resolve_gpus(manifest: dict, sweep_dir: Path | None = None, *, notice=print) -> float:

@@ -306,9 +306,13 @@ class LossModule(nn.Module):
         return self.family.loss(self.model, self.cast(batch), self.hp)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, master: "MasterWeights | None" = None) -> list[dict]:
+    """AdamW's groups: weight decay for matrices, none for vectors; with ``master`` (bf16 weights) over
+    the fp32 masters, in the same order as without, so optimizer state dicts carry over."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
+        if master is not None:
+            p = master.masters[master.index[id(p)]]
         if p.requires_grad:
             (no_decay if p.ndim < 2 else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -527,22 +531,34 @@ class EarlyNorm:
     step) is summed there, on the main stream. One process only: under DDP a gradient is final only
     after its bucket's all-reduce. Without CUDA (the tests) the groups are summed inside the hooks."""
 
-    def __init__(self, named_params: list[tuple[str, nn.Parameter]], device: torch.device):
-        self.hooks = BlockHooks(named_params, self._block_norm)
-        self.groups = self.hooks.groups
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]], device: torch.device,
+                 grad_of: Callable[[nn.Parameter], torch.Tensor | None] | None = None, hooks: bool = True):
+        # hooks=False: a block's norm is taken when told (``block_done``: MasterWeights, once the block's
+        # gradients are in its fp32 buffers), not by hooks of its own
+        self.hooks = BlockHooks(named_params, self._block_norm) if hooks else None
+        self.armed = False
+        # where a parameter's gradient is (MasterWeights: the fp32 buffer of a bf16 weight)
+        self.grad_of = grad_of or (lambda q: q.grad)
+        self.groups = self.hooks.groups if self.hooks is not None else block_groups(named_params)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.sq: list[torch.Tensor | None] = [None] * len(self.groups)
 
     def arm(self) -> None:
-        self.hooks.arm()
+        if self.hooks is not None:
+            self.hooks.arm()
+        self.armed = True
         self.sq = [None] * len(self.groups)
+
+    def block_done(self, gi: int) -> None:
+        if self.armed:
+            self._block_norm(gi)
 
     @staticmethod
     def _sq(grads: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(torch._foreach_norm(grads)).float().square().sum()
 
     def _block_norm(self, gi: int) -> None:
-        grads = [q.grad for q in self.groups[gi]]
+        grads = [g for g in map(self.grad_of, self.groups[gi]) if g is not None]
         if self.stream is None:
             self.sq[gi] = self._sq(grads)
             return
@@ -552,14 +568,16 @@ class EarlyNorm:
 
     def total(self) -> torch.Tensor:
         """The global norm of this step's gradients (as ``get_total_norm``, up to summation order)."""
-        self.hooks.armed = False
+        if self.hooks is not None:
+            self.hooks.armed = False
+        self.armed = False
         parts = []
         if self.stream is not None:
             main = torch.cuda.current_stream(self.stream.device)
             main.wait_stream(self.stream)
         for g, s in zip(self.groups, self.sq):
             if s is None:
-                grads = [p.grad for p in g if p.grad is not None]
+                grads = [x for x in map(self.grad_of, g) if x is not None]
                 if not grads:
                     continue
                 s = self._sq(grads)
@@ -568,6 +586,125 @@ class EarlyNorm:
             parts.append(s)
         dev = self.stream.device if self.stream is not None else torch.device("cpu")
         return torch.stack(parts).sum().sqrt() if parts else torch.zeros((), device=dev)
+
+
+class MasterWeights:
+    """``training.bf16_weights``: the model computes with bf16 weights, and AdamW updates fp32 master
+    copies of them (what DeepSpeed's bf16 engine and Megatron do; Apex called it O2).
+
+    Under autocast alone the weights are fp32: every forward casts each weight to bf16 again, and the
+    residual stream between the blocks is fp32 (an fp32 embedding or norm weight promotes it), so the
+    memory-bound kernels (norms, residual adds) move twice the bytes. Here the model's parameters are
+    bf16 and so is the stream. The matmuls see the same bf16 operands as under autocast; what differs is
+    the rounding of the elementwise results in between (docs/gpu.md: the loss curves of both over the
+    same steps).
+
+    - The masters are the original ``nn.Parameter`` objects, in the model's order: the optimizer, its
+      state dict (by position) and the checkpoints (``state_dict``, the masters by name) are those of
+      a run without this, so either can resume the other.
+    - Gradients: when the backward has finished a block (``BlockHooks``: the embedding, one decoder
+      layer, ...), that block's bf16 gradients are added into fp32 buffers in one ``foreach`` call
+      (copied for a step's first micro-batch) and dropped, so accumulation over micro-batches is in
+      fp32 and only one block's bf16 gradients are held at a time. ``after_block`` (EarlyNorm's norm)
+      runs next, on the fp32 sums. ``arm()`` before each backward; ``flush()`` after it takes what a
+      block left without a gradient held back. ``finish()`` hands the buffers to the masters (None for a
+      weight that got no gradient this step, as ``zero_grad(set_to_none=True)`` leaves it).
+    - ``publish()`` after the optimizer step: the masters rounded into the bf16 weights, one pass.
+
+    A first version took each weight's gradient in its own hook: 290 Python calls and kernel launches
+    per backward for Qwen2.5-0.5B, and the bs-16 step ran 0.90 of plain autocast's on the H100.
+    The buffers are allocated here, so the micro-batch try (``fit_micro_batch``) counts them."""
+
+    def __init__(self, model: nn.Module):
+        self.masters: list[nn.Parameter] = []
+        self.work: list[nn.Parameter] = []
+        made: dict[int, nn.Parameter] = {}
+        for mod_name, mod in model.named_modules(remove_duplicate=False):
+            for pname, p in list(mod._parameters.items()):
+                if p is None or not p.is_floating_point():
+                    continue
+                if id(p) not in made:
+                    made[id(p)] = nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=p.requires_grad)
+                    self.masters.append(p)
+                    self.work.append(made[id(p)])
+                mod._parameters[pname] = made[id(p)]
+        self.index = {id(w): i for i, w in enumerate(self.work)}
+        self.buf: list[torch.Tensor | None] = [torch.zeros_like(m) if m.requires_grad else None for m in self.masters]
+        self.seen: list[bool] = [False] * len(self.work)
+        self.hooks = BlockHooks([(n, w) for n, w in model.named_parameters() if w.requires_grad], self._take_block)
+        self.block_idx = [[self.index[id(w)] for w in g] for g in self.hooks.groups]
+        self.after_block: Callable[[int], None] | None = None
+
+    def named_masters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """The master of every parameter name the model has (its ``state_dict`` names)."""
+        return {n: self.masters[self.index[id(w)]] for n, w in model.named_parameters(remove_duplicate=False)
+                if id(w) in self.index}
+
+    def begin(self) -> None:
+        """A step starts: each weight's next gradient is copied into its buffer, not added (and bf16
+        gradients a backward outside a step left behind, a memory try's, are dropped)."""
+        self.seen = [False] * len(self.work)
+        for w in self.work:
+            w.grad = None
+
+    def arm(self) -> None:
+        self.hooks.arm()
+
+    def _take_block(self, gi: int) -> None:
+        fresh, more = [], []
+        for i in self.block_idx[gi]:
+            if self.work[i].grad is not None:
+                (more if self.seen[i] else fresh).append(i)
+        with torch.no_grad():
+            if fresh:
+                torch._foreach_copy_([self.buf[i] for i in fresh], [self.work[i].grad for i in fresh])
+            if more:
+                torch._foreach_add_([self.buf[i] for i in more], [self.work[i].grad for i in more])
+        for i in fresh:
+            self.seen[i] = True
+        for i in self.block_idx[gi]:
+            self.work[i].grad = None
+        if self.after_block is not None:
+            self.after_block(gi)
+
+    def flush(self) -> None:
+        """After a backward: the blocks whose hooks did not all fire (a weight without a gradient)."""
+        self.hooks.armed = False
+        for gi, left in enumerate(self.hooks.left):
+            if left:
+                self.hooks.left[gi] = 0
+                self._take_block(gi)
+
+    def grad_of(self, w: nn.Parameter) -> torch.Tensor | None:
+        """The fp32 gradient accumulated so far this step for bf16 weight ``w`` (EarlyNorm reads these)."""
+        i = self.index.get(id(w))
+        if i is None:
+            return w.grad
+        return self.buf[i] if self.seen[i] else None
+
+    def finish(self) -> None:
+        for i, m in enumerate(self.masters):
+            if m.requires_grad:
+                m.grad = self.buf[i] if self.seen[i] else None
+
+    @torch.no_grad()
+    def publish(self) -> None:
+        torch._foreach_copy_(self.work, self.masters)
+
+
+def uses_bf16_weights(knob: Any, *, on_cuda: bool, strategy: str, world: int, precision: str) -> bool:
+    """Whether ``training.bf16_weights`` (``knob``) applies: one process on the fast path's plain step, in bf16
+    mixed precision; ``auto`` only on CUDA. ``true`` where it cannot apply is a UserError. The trial's
+    Stepper and the packing probe (``sweeper.packing.probe_peak_bytes``) both ask here."""
+    one = strategy not in ("deepspeed", "lightning") and not (strategy in ("ddp", "fsdp") and world > 1)
+    fits = one and precision == "bf16-mixed"
+    if knob is True and not fits:
+        from sweeper.errors import UserError
+
+        raise UserError("training.bf16_weights: true needs bf16 precision on one process of the fast path "
+                        f"(this trial: precision {precision}, strategy {strategy}, {world} worker(s)); "
+                        "DeepSpeed's bf16 engine and FSDP already keep bf16 weights with fp32 masters")
+    return fits and (knob is True or (knob == "auto" and on_cuda))
 
 
 def _smaller_divisor(m: int, n: int) -> int:
@@ -609,7 +746,7 @@ class Stepper:
     def __init__(self, family, model: nn.Module, hp, *, strategy: str, device: torch.device, precision: str,
                  grad_clip: float, total_steps: int, step_offset: int = 0, compile_: bool = False,
                  ds: dict | None = None, world: int = 1, ddp: dict | None = None, fsdp: dict | None = None,
-                 micro_batch: int | None = None):
+                 micro_batch: int | None = None, bf16_weights: Any = False):
         from sweeper.manifest import DDPSpec, FSDPSpec
 
         from .base import cosine_with_warmup
@@ -645,7 +782,12 @@ class Stepper:
             broadcast_from_rank0(self.loss_mod)
             spec = FSDPSpec(**(fsdp or {}))
             self.fsdp_units = shard_fsdp(self.loss_mod, model, self.bf16, spec.blocks_per_unit, spec.fp32_root)
-        self.opt = torch.optim.AdamW(param_groups(model, hp.weight_decay), lr=hp.lr, betas=(0.9, 0.95),
+        self.master: MasterWeights | None = None
+        if uses_bf16_weights(bf16_weights, on_cuda=on_cuda, strategy=strategy, world=world, precision=precision):
+            self.loss_mod.to(device)  # the masters stay where the weights are now
+            self.master = MasterWeights(model)
+            log.info("bf16 weights, fp32 masters in the optimizer (training.bf16_weights)")
+        self.opt = torch.optim.AdamW(param_groups(model, hp.weight_decay, self.master), lr=hp.lr, betas=(0.9, 0.95),
                                      fused=self.fused_opt or None)
         sched_fn = cosine_with_warmup(max(1, total_steps), hp.warmup_ratio)
         self.step_offset = step_offset
@@ -677,12 +819,17 @@ class Stepper:
         else:
             self.loss_mod.to(device)
             self.fwd = self.loss_mod
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.params = ([p for p in self.master.masters if p.requires_grad] if self.master is not None
+                       else [p for p in model.parameters() if p.requires_grad])
         # the clip norm summed during the backward (one process, fused AdamW: see EarlyNorm)
-        self.early_norm = (EarlyNorm([(n, p) for n, p in model.named_parameters() if p.requires_grad], device)
+        self.early_norm = (EarlyNorm([(n, p) for n, p in model.named_parameters() if p.requires_grad], device,
+                                     self.master.grad_of if self.master is not None else None,
+                                     hooks=self.master is None)
                            if (self.grad_clip and self.fused_opt and self.fwd is self.loss_mod and self.reducer is None
                                and not self.fsdp)
                            else None)
+        if self.master is not None and self.early_norm is not None:
+            self.master.after_block = self.early_norm.block_done
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if (self.bf16 and self.engine is None)
                          else contextlib.nullcontext())
 
@@ -802,6 +949,8 @@ class Stepper:
                 total = _add_weighted(total, loss, w)
             self.engine.step()
         else:
+            if self.master is not None:
+                self.master.begin()
             for i, (b, w) in enumerate(parts):
                 last = i == last_i
                 with self._no_sync(last) if last_i else contextlib.nullcontext():
@@ -811,14 +960,22 @@ class Stepper:
                         self.reducer.arm()
                     elif last and self.early_norm is not None:
                         self.early_norm.arm()
+                    if self.master is not None:
+                        self.master.arm()
                     (loss * w if w != 1.0 else loss).backward()
+                    if self.master is not None:
+                        self.master.flush()
                 total = _add_weighted(total, loss, w)
             if self.reducer is not None:
                 self.reducer.finish()
+            if self.master is not None:
+                self.master.finish()
             self._updating = True
             if self.grad_clip:
                 self.clip()
             self.opt.step()
+            if self.master is not None:
+                self.master.publish()
             self._updating = False
             self.opt.zero_grad(set_to_none=True)
         self.sched.step()
@@ -908,7 +1065,10 @@ class Stepper:
                 return None
             prefix = "model."
             return {k[len(prefix):]: v.detach().cpu() for k, v in sd.items() if k.startswith(prefix)}
-        return {k: v.detach().cpu() for k, v in self.inner.state_dict().items()}
+        sd = self.inner.state_dict()
+        if self.master is not None:  # the fp32 masters, not their bf16 roundings
+            sd.update(self.master.named_masters(self.inner))
+        return {k: v.detach().cpu() for k, v in sd.items()}
 
     def full_optimizer_state(self) -> dict | None:
         """The optimizer state for a sweeper checkpoint, on rank 0 (a collective under FSDP: every rank
@@ -1088,7 +1248,8 @@ def prepare(config: dict, spec, reporter=None, *, use_ray_train: bool = False) -
     stepper = Stepper(family, model, hp, strategy=strategy, device=device, precision=precision, grad_clip=clip,
                       total_steps=steps_per_epoch * max_epochs, step_offset=steps_per_epoch * start_epoch,
                       compile_=compile_, ds=ds, world=world, ddp=m["training"].get("ddp"),
-                      fsdp=m["training"].get("fsdp"), micro_batch=resolve_micro(training.get("micro_batch"), hp.batch_size))
+                      fsdp=m["training"].get("fsdp"), micro_batch=resolve_micro(training.get("micro_batch"), hp.batch_size),
+                      bf16_weights=training.get("bf16_weights", "auto"))
     if resumed and strategy == "deepspeed":
         if not stepper.load_engine(resumed):  # a checkpoint from another strategy: weights only
             stepper.inner.load_state_dict({k: v for k, v in ckpt_mod.load_checkpoint(resumed).model_state.items()},
