@@ -264,3 +264,44 @@ def test_packing_probe_holds_the_weights_as_the_trial_will():
                                                         "training.bf16_weights=false"]))
     assert on["bf16_weights"] is True and off["bf16_weights"] is False
     assert on["peak_bytes"] > 0 and off["peak_bytes"] > 0
+
+
+def test_bf16_weights_micro_batch_try_and_retry_in_halves():
+    """micro_batch: auto with bf16 weights, where a backward runs out of memory halfway (after the later blocks'
+    gradients were already taken into fp32): the try leaves masters, optimizer and buffers as they were, and
+    a step run again in halves trains exactly as a run at that micro-batch from the start."""
+    from trainables.speed import Stepper
+
+    limit = {"rows": 3}
+
+    def boom(grad):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def arm_boom(mod, inp, out):  # the input layer's output: its gradient comes after the blocks' and the head's
+        if out.shape[0] > limit["rows"]:
+            out.register_hook(boom)
+
+    torch.manual_seed(0)
+    base = _Net()
+    net = copy.deepcopy(base)
+    net.inp.register_forward_hook(arm_boom)
+    st = Stepper(_Fam, net, _HP, strategy="plain", device=torch.device("cpu"), precision="bf16-mixed",
+                 grad_clip=0.5, total_steps=6, bf16_weights=True)
+    ref = Stepper(_Fam, copy.deepcopy(base), _HP, strategy="plain", device=torch.device("cpu"), precision="bf16-mixed",
+                  grad_clip=0.5, total_steps=6, micro_batch=2, bf16_weights=True)
+    xs = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(5))
+    micro, failed = st.fit_micro_batch(xs[0])
+    assert (micro, failed) == (2, ["8 rows: out of memory", "4 rows: out of memory"])
+    assert all(w.grad is None for w in net.parameters()) and all(b is None for b in st.master.buf)
+    assert not st.opt.state and all(m.grad is None for m in st.master.masters)
+    for m, b in zip(st.master.masters, base.parameters()):
+        assert torch.equal(m, b)
+    for x in xs[:2]:
+        assert float(st.step(x)) == float(ref.step(x))
+    limit["rows"] = 1  # now 2 rows run out too: the step is run again in micro-batches of 1
+    st.shrink_on_oom = True
+    ref.micro = 1
+    assert float(st.step(xs[2])) == pytest.approx(float(ref.step(xs[2])), rel=1e-6)
+    assert st.micro == 1 and st.micro_failed[-1] == "2 rows: out of memory in a step"
+    for a, b in zip(st.master.masters, ref.master.masters):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -605,15 +605,18 @@ class MasterWeights:
     - Gradients: when the backward has finished a block (``BlockHooks``: the embedding, one decoder
       layer, ...), that block's bf16 gradients are added into fp32 buffers in one ``foreach`` call
       (copied for a step's first micro-batch) and dropped, so accumulation over micro-batches is in
-      fp32 and only one block's bf16 gradients are held at a time. ``after_block`` (EarlyNorm's norm)
+      fp32 and only one block's bf16 gradients are held at a time. A block's buffers are one
+      allocation made at its first gradients of a step and let go after the update, so they are not
+      held through the forward, as autocast's fp32 gradients are not (held for good, they put 6 GB on
+      the 1.5B step's peak). ``after_block`` (EarlyNorm's norm)
       runs next, on the fp32 sums. ``arm()`` before each backward; ``flush()`` after it takes what a
       block left without a gradient held back. ``finish()`` hands the buffers to the masters (None for a
       weight that got no gradient this step, as ``zero_grad(set_to_none=True)`` leaves it).
-    - ``publish()`` after the optimizer step: the masters rounded into the bf16 weights, one pass.
+    - ``publish()`` after the optimizer step: the masters rounded into the bf16 weights, one pass, and
+      the step's fp32 gradient buffers let go.
 
     A first version took each weight's gradient in its own hook: 290 Python calls and kernel launches
-    per backward for Qwen2.5-0.5B, and the bs-16 step ran 0.90 of plain autocast's on the H100.
-    The buffers are allocated here, so the micro-batch try (``fit_micro_batch``) counts them."""
+    per backward for Qwen2.5-0.5B, and the bs-16 step ran 0.90 of plain autocast's on the H100."""
 
     def __init__(self, model: nn.Module):
         self.masters: list[nn.Parameter] = []
@@ -629,10 +632,11 @@ class MasterWeights:
                     self.work.append(made[id(p)])
                 mod._parameters[pname] = made[id(p)]
         self.index = {id(w): i for i, w in enumerate(self.work)}
-        self.buf: list[torch.Tensor | None] = [torch.zeros_like(m) if m.requires_grad else None for m in self.masters]
+        self.buf: list[torch.Tensor | None] = [None] * len(self.work)
         self.seen: list[bool] = [False] * len(self.work)
         self.hooks = BlockHooks([(n, w) for n, w in model.named_parameters() if w.requires_grad], self._take_block)
         self.block_idx = [[self.index[id(w)] for w in g] for g in self.hooks.groups]
+        self.block_sizes = [[self.masters[i].numel() for i in idx] for idx in self.block_idx]
         self.after_block: Callable[[int], None] | None = None
 
     def named_masters(self, model: nn.Module) -> dict[str, nn.Parameter]:
@@ -651,10 +655,15 @@ class MasterWeights:
         self.hooks.arm()
 
     def _take_block(self, gi: int) -> None:
+        idx = self.block_idx[gi]
         fresh, more = [], []
-        for i in self.block_idx[gi]:
+        for i in idx:
             if self.work[i].grad is not None:
                 (more if self.seen[i] else fresh).append(i)
+        if fresh and self.buf[fresh[0]] is None:  # the block's first gradients this step: one allocation
+            flat = torch.empty(sum(self.block_sizes[gi]), dtype=torch.float32, device=self.masters[idx[0]].device)
+            for i, v in zip(idx, flat.split(self.block_sizes[gi])):
+                self.buf[i] = v.view_as(self.masters[i])
         with torch.no_grad():
             if fresh:
                 torch._foreach_copy_([self.buf[i] for i in fresh], [self.work[i].grad for i in fresh])
@@ -690,6 +699,11 @@ class MasterWeights:
     @torch.no_grad()
     def publish(self) -> None:
         torch._foreach_copy_(self.work, self.masters)
+        self.release()
+
+    def release(self) -> None:
+        """The step's fp32 gradient buffers go (the masters' ``.grad`` too: ``zero_grad`` sets them to None)."""
+        self.buf = [None] * len(self.work)
 
 
 def uses_bf16_weights(knob: Any, *, on_cuda: bool, strategy: str, world: int, precision: str) -> bool:
@@ -916,6 +930,9 @@ class Stepper:
                     raise
             # out of the except block, so the failed step's frames (its activations) are freed
             self.opt.zero_grad(set_to_none=True)
+            if self.master is not None:
+                self.master.begin()
+                self.master.release()
             before = self.micro
             self.micro = _smaller_divisor(self.micro, self.hp.batch_size)
             self.micro_failed.append(f"{before} rows: out of memory in a step")
@@ -1009,10 +1026,15 @@ class Stepper:
             torch.cuda.reset_peak_memory_stats(self.device)
         try:
             hold = torch.empty(reserve, dtype=torch.uint8, device=self.device) if (reserve and cuda) else None
+            if self.master is not None:  # gradients taken into fp32 block by block, as in a step
+                self.master.begin()
+                self.master.arm()
             with self.autocast:
                 loss = self.fwd(b)
             loss.backward()
             del loss
+            if self.master is not None:
+                self.master.flush()
             if cuda:
                 torch.cuda.synchronize(self.device)
                 peak = torch.cuda.max_memory_allocated(self.device)
@@ -1023,6 +1045,9 @@ class Stepper:
             why = "out of memory"
         hold = loss = None  # the graph (activations) of a backward that ran out goes with the loss
         self.opt.zero_grad(set_to_none=True)
+        if self.master is not None:
+            self.master.begin()  # the bf16 gradients of a backward that ran out
+            self.master.release()
         return why
 
     @torch.no_grad()
