@@ -226,8 +226,8 @@ class TrainingSpec(Strict):
     """The model computes with bf16 weights and AdamW updates fp32 master copies (``trainables.speed.
     MasterWeights``; DeepSpeed's bf16 engine does the same), instead of autocast casting fp32 weights in
     every forward. The residual stream is then bf16 too. Measured on the H100, each against the same step
-    with this off on the same machine: Qwen2.5-0.5B 3.2 % more tokens/s at batch 64 and 3.4 % at 16,
-    ViT-B/14 4.0 % more images/s at 512, Qwen2.5-1.5B 1.3 % at 16. The loss curves of both stay as
+    with this off on the same machine: Qwen2.5-0.5B 3.4 % more tokens/s at batch 64 (45.9 % MFU), ViT-B/14
+    4.5 % more images/s at 512, Qwen2.5-1.5B 2.1 % at 16. The loss curves of both stay as
     close as two mixed-precision runs that differ only in batch order (docs/gpu.md). ``auto``: on for
     one GPU process of the fast path in bf16 (strategy plain, or auto with one worker); off elsewhere,
     and on the CPU. ``true`` where that does not hold is refused."""
