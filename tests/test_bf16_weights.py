@@ -305,3 +305,24 @@ def test_bf16_weights_micro_batch_try_and_retry_in_halves():
     assert st.micro == 1 and st.micro_failed[-1] == "2 rows: out of memory in a step"
     for a, b in zip(st.master.masters, ref.master.masters):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_finished_stepper_with_bf16_weights_is_freed():
+    """A trial's Stepper with bf16 weights and EarlyNorm (which read each other's methods: a cycle the garbage
+    collector can see) leaves nothing alive once dropped: weights, masters, buffers (a reused trial actor
+    must not keep the last trial's model; see test_bf16_weights_hooks_do_not_keep_the_model_alive)."""
+    from trainables.speed import EarlyNorm, Stepper
+
+    net = _Net()
+    st = Stepper(_Fam, net, _HP, strategy="plain", device=torch.device("cpu"), precision="bf16-mixed",
+                 grad_clip=0.5, total_steps=2, micro_batch=4, bf16_weights=True)
+    st.early_norm = EarlyNorm(list(net.named_parameters()), st.device, st.master.grad_of, hooks=False)
+    st.master.after_block = st.early_norm.block_done
+    st.fused_opt = True
+    st.opt = torch.optim.AdamW(st.params, lr=1e-2, fused=True)
+    st.sched = torch.optim.lr_scheduler.LambdaLR(st.opt, lambda s: 1.0)
+    st.step(torch.randn(8, 8))
+    alive = [weakref.ref(x) for x in (*net.parameters(), *st.master.masters, st.master, st.early_norm, st)]
+    del net, st
+    gc.collect()
+    assert [r() is None for r in alive] == [True] * len(alive)

@@ -4,7 +4,8 @@ Chosen by ``training.strategy`` (``auto``: this path whenever a trial asks for G
 there; the Lightning loop otherwise, so CPU trials and tests keep their behaviour). What makes it
 fast, each measured in ``benchmarks/`` against the plain-PyTorch step it wraps:
 
-- bf16 autocast (plain/DDP) or DeepSpeed's bf16 engine, TF32 for any fp32 matmul left;
+- bf16 autocast (plain/DDP) or DeepSpeed's bf16 engine, TF32 for any fp32 matmul left; on one GPU process
+  bf16 weights with fp32 masters (``MasterWeights``, ``training.bf16_weights``);
 - fused AdamW (``torch.optim.AdamW(fused=True)``; also under DeepSpeed, through
   ``zero_allow_untested_optimizer``: no just-in-time build of DeepSpeed's own ops);
 - SDPA attention (the families build their configs with ``attn_implementation="sdpa"``);
@@ -608,9 +609,9 @@ class MasterWeights:
       fp32 and only one block's bf16 gradients are held at a time. A block's buffers are one
       allocation made at its first gradients of a step and let go after the update, so they are not
       held through the forward, as autocast's fp32 gradients are not (held for good, they put 6 GB on
-      the 1.5B step's peak). ``after_block`` (EarlyNorm's norm)
-      runs next, on the fp32 sums. ``arm()`` before each backward; ``flush()`` after it takes what a
-      block left without a gradient held back. ``finish()`` hands the buffers to the masters (None for a
+      the 1.5B step's peak). ``after_block`` (EarlyNorm's norm) runs next, on the fp32 sums. ``arm()``
+      before each backward; ``flush()`` after it takes the blocks whose hooks did not all fire (a weight
+      without a gradient). ``finish()`` hands the buffers to the masters (None for a
       weight that got no gradient this step, as ``zero_grad(set_to_none=True)`` leaves it).
     - ``publish()`` after the optimizer step: the masters rounded into the bf16 weights, one pass, and
       the step's fp32 gradient buffers let go.
@@ -622,7 +623,7 @@ class MasterWeights:
         self.masters: list[nn.Parameter] = []
         self.work: list[nn.Parameter] = []
         made: dict[int, nn.Parameter] = {}
-        for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for _, mod in model.named_modules(remove_duplicate=False):
             for pname, p in list(mod._parameters.items()):
                 if p is None or not p.is_floating_point():
                     continue
