@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.step_bench import SMOKE  # noqa: E402
+from benchmarks.step_bench import bench_manifest  # noqa: E402
 
 
 def _windows(xs: list[float], w: int) -> list[float]:
@@ -39,17 +39,10 @@ def _windows(xs: list[float], w: int) -> list[float]:
 def run_variant(manifest: str, overrides: list[str], hp: dict, steps: int, order: int, smoke: bool) -> dict:
     import torch
 
-    from sweeper import manifest as mf
     from sweeper.trial import TrialSpec
     from trainables import speed
 
-    m = mf.load(manifest, (SMOKE if smoke else []) + overrides).resolved()
-    if smoke:
-        m["resources"]["gpus"] = 0
-        if m["training"]["strategy"] == "auto":
-            m["training"]["strategy"] = "plain"
-    space = m["search"]["space"]
-    config = {k: (v if not isinstance(v, dict) else (v.get("values") or [v.get("low")])[0]) for k, v in space.items()}
+    m, config = bench_manifest(manifest, overrides, smoke)
     config.update(hp)
     t0 = time.perf_counter()
     p = speed.prepare(config, TrialSpec(manifest=m), None)
@@ -91,6 +84,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     import torch
+
     def num(v: str):
         return float(v) if any(c in v for c in ".eE") else int(v)
 

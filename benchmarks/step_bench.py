@@ -33,6 +33,21 @@ SMOKE = ["model.size=tiny", "model.config_overrides={hidden_size: 32, intermedia
          "data.generator.image_size=28", "search.space.batch_size=8", "training.precision=fp32"]
 
 
+def bench_manifest(path: str, overrides: list[str], smoke: bool) -> tuple[dict, dict]:
+    """The resolved manifest and one trial's config (each search dimension at its first value or its low
+    end), as the benchmarks run them; ``smoke``: tiny shapes on the CPU, the fast path's plain step."""
+    from sweeper import manifest as mf
+
+    m = mf.load(path, (SMOKE if smoke else []) + overrides).resolved()
+    if smoke:
+        m["resources"]["gpus"] = 0
+        if m["training"]["strategy"] == "auto":
+            m["training"]["strategy"] = "plain"
+    config = {k: (v if not isinstance(v, dict) else (v.get("values") or [v.get("low")])[0])
+              for k, v in m["search"]["space"].items()}
+    return m, config
+
+
 def _sync(dev):
     import torch
 
@@ -141,19 +156,11 @@ def main(argv=None):
 
     import torch
 
-    from sweeper import manifest as mf
     from sweeper.trial import TrialSpec
     from trainables import speed
     from trainables.base import resolve_precision
 
-    overrides = (SMOKE if a.smoke else []) + a.set + (["training.bf16_weights=false"] if a.pure_bf16 else [])
-    loaded = mf.load(a.manifest, overrides)
-    m = loaded.resolved()
-    if a.smoke:
-        m["resources"]["gpus"] = 0
-        m["training"]["strategy"] = m["training"]["strategy"] if m["training"]["strategy"] != "auto" else "plain"
-    space = m["search"]["space"]
-    config = {k: (v if not isinstance(v, dict) else (v.get("values") or [v.get("low")])[0]) for k, v in space.items()}
+    m, config = bench_manifest(a.manifest, a.set + (["training.bf16_weights=false"] if a.pure_bf16 else []), a.smoke)
     spec = TrialSpec(manifest=m)
     rows = []
     modes = a.modes.split(",")

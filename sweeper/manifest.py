@@ -682,9 +682,7 @@ def _semantic_problems(m) -> list[str]:
                  else "DeepSpeed" if tr.strategy == "deepspeed"
                  else f"precision {tr.precision}" if tr.precision in ("fp32", "fp16") else None)
         if where:
-            out.append(f"`training.bf16_weights`: true needs bf16 precision on one process of the fast path, but this "
-                       f"manifest's trials run {where}; DeepSpeed's bf16 engine and FSDP already keep bf16 weights "
-                       "with fp32 masters")
+            out.append(f"`training.bf16_weights`: {BF16_WEIGHTS_NEEDS}, but this manifest's trials run {where}")
     if res is not None and tr is not None and tr.strategy == "plain" and res.workers > 1:
         out.append("`training.strategy`: plain runs one worker; use ddp, fsdp or deepspeed with `resources.workers` > 1")
     return out
@@ -823,6 +821,11 @@ class Loaded:
             if d.get(section, {}).get(key, default) == default:
                 d.get(section, {}).pop(key, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+
+# Why ``training.bf16_weights: true`` is refused where it is (the schema check and trainables.speed say it alike)
+BF16_WEIGHTS_NEEDS = ("true needs bf16 precision on one process of the fast path (DeepSpeed's bf16 engine and FSDP "
+                      "already keep bf16 weights with fp32 masters)")
 
 
 # Settings added after sweeps were already being run, with the default that behaves as before they existed.

@@ -103,8 +103,7 @@ def test_bf16_weights_train_as_the_scheme_written_out(dev, micro, clip):
     if early_on_cpu:  # what the constructor does on CUDA: the fused AdamW, the clip norm taken block by block
         st.fused_opt = True
         st.opt = torch.optim.AdamW(param_groups(net, _HP.weight_decay, st.master), lr=_HP.lr, betas=(0.9, 0.95), fused=True)
-        st.early_norm = EarlyNorm([(n, p) for n, p in net.named_parameters()], st.device, st.master.grad_of, hooks=False)
-        st.master.after_block = st.early_norm.block_done
+        st.early_norm = EarlyNorm([(n, p) for n, p in net.named_parameters()], st.device, st.master.grad_of)
     assert st.master is not None and (st.early_norm is not None) == fused
     assert all(p.dtype == torch.bfloat16 for p in net.parameters())
     opt_params = [p for g in st.opt.param_groups for p in g["params"]]
@@ -308,16 +307,15 @@ def test_bf16_weights_micro_batch_try_and_retry_in_halves():
 
 
 def test_a_finished_stepper_with_bf16_weights_is_freed():
-    """A trial's Stepper with bf16 weights and EarlyNorm (which read each other's methods: a cycle the garbage
-    collector can see) leaves nothing alive once dropped: weights, masters, buffers (a reused trial actor
-    must not keep the last trial's model; see test_bf16_weights_hooks_do_not_keep_the_model_alive)."""
+    """A trial's Stepper with bf16 weights and EarlyNorm (which reads MasterWeights' buffers through its
+    method) leaves nothing alive once dropped: weights, masters, buffers (a reused trial actor must not keep
+    the last trial's model; see test_bf16_weights_hooks_do_not_keep_the_model_alive)."""
     from trainables.speed import EarlyNorm, Stepper
 
     net = _Net()
     st = Stepper(_Fam, net, _HP, strategy="plain", device=torch.device("cpu"), precision="bf16-mixed",
                  grad_clip=0.5, total_steps=2, micro_batch=4, bf16_weights=True)
-    st.early_norm = EarlyNorm(list(net.named_parameters()), st.device, st.master.grad_of, hooks=False)
-    st.master.after_block = st.early_norm.block_done
+    st.early_norm = EarlyNorm(list(net.named_parameters()), st.device, st.master.grad_of)
     st.fused_opt = True
     st.opt = torch.optim.AdamW(st.params, lr=1e-2, fused=True)
     st.sched = torch.optim.lr_scheduler.LambdaLR(st.opt, lambda s: 1.0)

@@ -533,26 +533,18 @@ class EarlyNorm:
     after its bucket's all-reduce. Without CUDA (the tests) the groups are summed inside the hooks."""
 
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], device: torch.device,
-                 grad_of: Callable[[nn.Parameter], torch.Tensor | None] | None = None, hooks: bool = True):
-        # hooks=False: a block's norm is taken when told (``block_done``: MasterWeights, once the block's
-        # gradients are in its fp32 buffers), not by hooks of its own
-        self.hooks = BlockHooks(named_params, self._block_norm) if hooks else None
-        self.armed = False
-        # where a parameter's gradient is (MasterWeights: the fp32 buffer of a bf16 weight)
+                 grad_of: Callable[[nn.Parameter], torch.Tensor | None] | None = None):
+        self.hooks = BlockHooks(named_params, self._block_norm)
+        # where a parameter's gradient is. With MasterWeights, the fp32 buffer of a bf16 weight: its hooks
+        # were registered first, so a block's gradients are in the buffers when this one's hooks see it done
         self.grad_of = grad_of or (lambda q: q.grad)
-        self.groups = self.hooks.groups if self.hooks is not None else block_groups(named_params)
+        self.groups = self.hooks.groups
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.sq: list[torch.Tensor | None] = [None] * len(self.groups)
 
     def arm(self) -> None:
-        if self.hooks is not None:
-            self.hooks.arm()
-        self.armed = True
+        self.hooks.arm()
         self.sq = [None] * len(self.groups)
-
-    def block_done(self, gi: int) -> None:
-        if self.armed:
-            self._block_norm(gi)
 
     @staticmethod
     def _sq(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -569,9 +561,7 @@ class EarlyNorm:
 
     def total(self) -> torch.Tensor:
         """The global norm of this step's gradients (as ``get_total_norm``, up to summation order)."""
-        if self.hooks is not None:
-            self.hooks.armed = False
-        self.armed = False
+        self.hooks.armed = False
         parts = []
         if self.stream is not None:
             main = torch.cuda.current_stream(self.stream.device)
@@ -609,7 +599,7 @@ class MasterWeights:
       fp32 and only one block's bf16 gradients are held at a time. A block's buffers are one
       allocation made at its first gradients of a step and let go after the update, so they are not
       held through the forward, as autocast's fp32 gradients are not (held for good, they put 6 GB on
-      the 1.5B step's peak). ``after_block`` (EarlyNorm's norm) runs next, on the fp32 sums. ``arm()``
+      the 1.5B step's peak). EarlyNorm, whose hooks come after these, reads the fp32 sums. ``arm()``
       before each backward; ``flush()`` after it takes the blocks whose hooks did not all fire (a weight
       without a gradient). ``finish()`` hands the buffers to the masters (None for a
       weight that got no gradient this step, as ``zero_grad(set_to_none=True)`` leaves it).
@@ -631,14 +621,13 @@ class MasterWeights:
                     made[id(p)] = nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=p.requires_grad)
                     self.masters.append(p)
                     self.work.append(made[id(p)])
-                mod._parameters[pname] = made[id(p)]
+                setattr(mod, pname, made[id(p)])
         self.index = {id(w): i for i, w in enumerate(self.work)}
         self.buf: list[torch.Tensor | None] = [None] * len(self.work)
         self.seen: list[bool] = [False] * len(self.work)
         self.hooks = BlockHooks([(n, w) for n, w in model.named_parameters() if w.requires_grad], self._take_block)
         self.block_idx = [[self.index[id(w)] for w in g] for g in self.hooks.groups]
         self.block_sizes = [[self.masters[i].numel() for i in idx] for idx in self.block_idx]
-        self.after_block: Callable[[int], None] | None = None
 
     def named_masters(self, model: nn.Module) -> dict[str, nn.Parameter]:
         """The master of every parameter name the model has (its ``state_dict`` names)."""
@@ -672,10 +661,8 @@ class MasterWeights:
                 torch._foreach_add_([self.buf[i] for i in more], [self.work[i].grad for i in more])
         for i in fresh:
             self.seen[i] = True
-        for i in self.block_idx[gi]:
+        for i in idx:
             self.work[i].grad = None
-        if self.after_block is not None:
-            self.after_block(gi)
 
     def flush(self) -> None:
         """After a backward: the blocks whose hooks did not all fire (a weight without a gradient)."""
@@ -716,9 +703,10 @@ def uses_bf16_weights(knob: Any, *, on_cuda: bool, strategy: str, world: int, pr
     if knob is True and not fits:
         from sweeper.errors import UserError
 
-        raise UserError("training.bf16_weights: true needs bf16 precision on one process of the fast path "
-                        f"(this trial: precision {precision}, strategy {strategy}, {world} worker(s)); "
-                        "DeepSpeed's bf16 engine and FSDP already keep bf16 weights with fp32 masters")
+        from sweeper.manifest import BF16_WEIGHTS_NEEDS
+
+        raise UserError(f"training.bf16_weights: {BF16_WEIGHTS_NEEDS}, but this trial runs precision {precision}, "
+                        f"strategy {strategy}, {world} worker(s)")
     return fits and (knob is True or (knob == "auto" and on_cuda))
 
 
@@ -838,13 +826,10 @@ class Stepper:
                        else [p for p in model.parameters() if p.requires_grad])
         # the clip norm summed during the backward (one process, fused AdamW: see EarlyNorm)
         self.early_norm = (EarlyNorm([(n, p) for n, p in model.named_parameters() if p.requires_grad], device,
-                                     self.master.grad_of if self.master is not None else None,
-                                     hooks=self.master is None)
+                                     self.master.grad_of if self.master is not None else None)
                            if (self.grad_clip and self.fused_opt and self.fwd is self.loss_mod and self.reducer is None
                                and not self.fsdp)
                            else None)
-        if self.master is not None and self.early_norm is not None:
-            self.master.after_block = self.early_norm.block_done
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if (self.bf16 and self.engine is None)
                          else contextlib.nullcontext())
 
