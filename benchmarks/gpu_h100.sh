@@ -53,3 +53,15 @@ b --manifest $Q5 --label q05-bs16-bf16w-vs-plain --modes product,plain,plain-cli
 b --manifest $Q5 --label q05-bs16-mixed-vs-plain --set training.bf16_weights=false --modes product,plain,plain-clip
 b --manifest $VB --label vitb-bs512-bf16w-only --set search.space.batch_size=512 --modes product
 b --manifest $VB --label vitb-bs128-bf16w-vs-plain --modes product,plain,plain-clip
+# 2026-11-27 (eighth session): training.fp8 (the blocks' linear layers in FP8) against the same step without it
+b --manifest $Q15 --label q15-bs16-fp8 --set search.space.batch_size=16 --set training.fp8=true --modes product
+b --manifest $Q15 --label q15-bs64-fp8 --set search.space.batch_size=64 --set training.fp8=true --modes product --steps 6
+b --manifest $Q5 --label q05-bs64-fp8 --set search.space.batch_size=64 --set training.fp8=true --modes product
+b --manifest $VB --label vitb-bs512-fp8 --set search.space.batch_size=512 --set training.fp8=true --modes product
+b --manifest $Q5 --label q05-bs16-fp8-vs-plain --set training.fp8=true --modes product,plain,plain-clip
+b --manifest $VB --label vitb-bs512-fp8-mlp --set search.space.batch_size=512 --set training.fp8=true --modes product --fp8-only mlp.
+b --manifest $Q5 --label q05-bs16-fp8-mixed-vs-plain --set training.fp8=true --set training.bf16_weights=false --modes product,plain,plain-clip
+b --manifest $Q15 --label q15-bs16-fp8-mixed --set search.space.batch_size=16 --set training.fp8=true --set training.bf16_weights=false --modes product
+b --manifest $Q5 --label q05-bs64-fp8-mixed --set search.space.batch_size=64 --set training.fp8=true --set training.bf16_weights=false --modes product
+b --manifest $Q15 --label q15-bs16-fp8-vs-plain --set search.space.batch_size=16 --set training.fp8=true --modes product,plain,plain-clip --steps 20 --rounds 5
+b --manifest $Q5 --label q05-bs16-fp8-vs-plain-long --set training.fp8=true --modes product,plain,plain-clip --steps 40 --rounds 5

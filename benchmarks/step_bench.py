@@ -150,6 +150,9 @@ def main(argv=None):
     ap.add_argument("--pure-bf16", action="store_true",
                     help="experiment, an upper bound: the product's model cast to bf16 before the first step, so "
                          "weights, gradients and AdamW's state are bf16 (not a product setting)")
+    ap.add_argument("--fp8-only", default=None, metavar="SUBSTR",
+                    help="experiment, with training.fp8: only the linear layers whose name contains SUBSTR keep FP8 "
+                         "(e.g. 'mlp.'), the others go back to bf16 before the first (compiling) step")
     ap.add_argument("--label", default="")
     ap.add_argument("--out", default=None, help="append JSON lines here")
     a = ap.parse_args(argv)
@@ -168,6 +171,12 @@ def main(argv=None):
         for name in ("flash", "cudnn", "efficient", "math"):
             getattr(torch.backends.cuda, f"enable_{'mem_' * (name == 'efficient')}{name}_sdp")(name == a.sdpa)
     p = speed.prepare(config, spec, None)
+    if a.fp8_only:
+        from trainables.fp8 import Float8Linear
+
+        for name, mod in p.stepper.model.named_modules():
+            if isinstance(mod, Float8Linear) and a.fp8_only not in name:
+                mod.__class__ = torch.nn.Linear
     if a.pure_bf16:
         p.stepper.model.to(torch.bfloat16)  # same Parameter objects: the optimizer (no state yet) follows
     speed.choose_micro_batch(p, m)  # training.micro_batch: auto, as a trial does before its first step
@@ -178,7 +187,8 @@ def main(argv=None):
                 probe_gb=[round(v / 1e9, 2) if isinstance(v, int) and i else v
                           for i, v in enumerate(st.probe_peak)] if st.probe_peak else None,
                 device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", torch=torch.__version__,
-                **({"sdpa": a.sdpa} if a.sdpa else {}), **({"pure_bf16": True} if a.pure_bf16 else {}))
+                **({"sdpa": a.sdpa} if a.sdpa else {}), **({"pure_bf16": True} if a.pure_bf16 else {}),
+                **({"fp8_only": a.fp8_only} if a.fp8_only else {}))
     first = next(iter(p.train_loader(0)))
     units_per_batch = speed.batch_units(first)[1]
     flops = p.flops_unit or 0.0
@@ -210,6 +220,7 @@ def main(argv=None):
         splits = cached_splits(fam, m["data"], m["model"])
         with (torch.device(dev) if dev.type == "cuda" else torch.device("cpu")):
             model = fam.build_model(m["model"], splits, hp)
+        speed.use_fp8(bool(st.fp8), model, dev)  # training.fp8: the same FP8 layers in the plain loop
         if st.compiled:
             speed.compile_blocks(model)
         model.to(dev)

@@ -232,6 +232,14 @@ class TrainingSpec(Strict):
     one GPU process of the fast path in bf16 (strategy plain, or auto with one worker); off elsewhere,
     and on the CPU. ``true`` where that does not hold is refused."""
 
+    fp8: bool = False
+    """The repeated blocks' linear layers multiply in FP8 (``trainables.fp8``: dynamic tensorwise scaling,
+    E4M3 forward and E5M2 gradients, the recipe of torchao's ``Float8Linear``); the weights, their
+    checkpoints and the optimizer are unchanged. Needs a GPU of compute capability 8.9 or newer (Ada,
+    Hopper), or the CPU. It changes the numerics: docs/gpu.md has its speed and its loss curves against
+    mixed precision. One process of the fast path only (not the Lightning loop, DeepSpeed or several
+    workers, where it is not tested)."""
+
     @field_validator("micro_batch", mode="before")
     @classmethod
     def _micro_batch(cls, v: Any) -> Any:
@@ -683,6 +691,12 @@ def _semantic_problems(m) -> list[str]:
                  else f"precision {tr.precision}" if tr.precision in ("fp32", "fp16") else None)
         if where:
             out.append(f"`training.bf16_weights`: {BF16_WEIGHTS_NEEDS}, but this manifest's trials run {where}")
+    if res is not None and tr is not None and tr.fp8:
+        where = ("the Lightning loop" if (tr.strategy == "lightning" or (tr.strategy == "auto" and res.gpus == 0))
+                 else f"{res.workers} workers" if res.workers > 1
+                 else "DeepSpeed" if tr.strategy == "deepspeed" else None)
+        if where:
+            out.append(f"`training.fp8`: {FP8_NEEDS}, but this manifest's trials run {where}")
     if res is not None and tr is not None and tr.strategy == "plain" and res.workers > 1:
         out.append("`training.strategy`: plain runs one worker; use ddp, fsdp or deepspeed with `resources.workers` > 1")
     return out
@@ -828,11 +842,17 @@ BF16_WEIGHTS_NEEDS = ("true needs bf16 precision on one process of the fast path
                       "already keep bf16 weights with fp32 masters)")
 
 
+# Where ``training.fp8: true`` runs (the schema check and trainables.speed.use_fp8 say it alike)
+FP8_NEEDS = ("true needs one process of the fast path (a GPU trial, or strategy plain; not the Lightning loop, "
+             "DeepSpeed or several workers, where FP8 is not tested)")
+
+
 # Settings added after sweeps were already being run, with the default that behaves as before they existed.
 # A new setting with a default belongs here: at that default it leaves a sweep's identity (its directory) as
 # it was, so re-running an older manifest still resumes its sweep. (tests/test_manifest.py holds an identity
 # computed before ``training.micro_batch`` was added.)
-LATER_DEFAULTS: dict[tuple[str, str], Any] = {("training", "micro_batch"): "auto", ("training", "bf16_weights"): "auto"}
+LATER_DEFAULTS: dict[tuple[str, str], Any] = {("training", "micro_batch"): "auto", ("training", "bf16_weights"): "auto",
+                                              ("training", "fp8"): False}
 
 
 def load(path: str | os.PathLike, overrides: list[str] | None = None) -> Loaded:

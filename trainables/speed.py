@@ -5,7 +5,8 @@ there; the Lightning loop otherwise, so CPU trials and tests keep their behaviou
 fast, each measured in ``benchmarks/`` against the plain-PyTorch step it wraps:
 
 - bf16 autocast (plain/DDP) or DeepSpeed's bf16 engine, TF32 for any fp32 matmul left; on one GPU process
-  bf16 weights with fp32 masters (``MasterWeights``, ``training.bf16_weights``);
+  bf16 weights with fp32 masters (``MasterWeights``, ``training.bf16_weights``); optionally FP8 matmuls in
+  the blocks' linear layers (``trainables/fp8.py``, ``training.fp8``, off by default);
 - fused AdamW (``torch.optim.AdamW(fused=True)``; also under DeepSpeed, through
   ``zero_allow_untested_optimizer``: no just-in-time build of DeepSpeed's own ops);
 - SDPA attention (the families build their configs with ``attn_implementation="sdpa"``);
@@ -85,11 +86,11 @@ def resolve_compile(knob: Any, on_gpu: bool, strategy: str, stage: int) -> bool:
     return on_gpu and not (strategy == "deepspeed" and stage == 3)
 
 
-def repeated_blocks(model: nn.Module) -> nn.ModuleList | None:
-    """The ModuleList holding most parameters: a transformer's layers."""
+def repeated_blocks(model: nn.Module, min_len: int = 2) -> nn.ModuleList | None:
+    """The ModuleList (of at least ``min_len`` modules) holding most parameters: a transformer's layers."""
     best = None
     for mod in model.modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 1:
+        if isinstance(mod, nn.ModuleList) and len(mod) >= min_len:
             n = sum(p.numel() for p in mod.parameters())
             if best is None or n > best[0]:
                 best = (n, mod)
@@ -710,6 +711,29 @@ def uses_bf16_weights(knob: Any, *, on_cuda: bool, strategy: str, world: int, pr
     return fits and (knob is True or (knob == "auto" and on_cuda))
 
 
+def use_fp8(knob: bool, model: nn.Module, device: torch.device, *, strategy: str = "plain", world: int = 1) -> int:
+    """``training.fp8``: the repeated blocks' linear layers made ``trainables.fp8.Float8Linear`` (before the
+    blocks are compiled or their weights swapped for bf16). Returns how many. A device that cannot multiply
+    in FP8, or a trial that is not one process of the fast path's plain step (several workers, DeepSpeed:
+    not tested with FP8), is a UserError naming the field. The trial's Stepper, the packing probe and the
+    step benchmark's plain loop call this."""
+    if not knob:
+        return 0
+    from sweeper.errors import UserError
+    from sweeper.manifest import FP8_NEEDS
+
+    from .fp8 import convert_blocks, fp8_ready
+
+    if strategy in ("deepspeed", "lightning") or world > 1:
+        raise UserError(f"training.fp8: {FP8_NEEDS}, but this trial runs strategy {strategy}, {world} worker(s)")
+    why = fp8_ready(device)
+    if why:
+        raise UserError(f"training.fp8: {why}")
+    n = convert_blocks(model, repeated_blocks(model, min_len=1))
+    log.info("FP8 matmuls in %d linear layers of the blocks (training.fp8)", n)
+    return n
+
+
 def _smaller_divisor(m: int, n: int) -> int:
     """The largest divisor of ``n`` that is at most half of ``m`` (at least 1)."""
     return max(d for d in range(1, max(1, m // 2) + 1) if n % d == 0)
@@ -749,7 +773,7 @@ class Stepper:
     def __init__(self, family, model: nn.Module, hp, *, strategy: str, device: torch.device, precision: str,
                  grad_clip: float, total_steps: int, step_offset: int = 0, compile_: bool = False,
                  ds: dict | None = None, world: int = 1, ddp: dict | None = None, fsdp: dict | None = None,
-                 micro_batch: int | None = None, bf16_weights: Any = False):
+                 micro_batch: int | None = None, bf16_weights: Any = False, fp8: bool = False):
         from sweeper.manifest import DDPSpec, FSDPSpec
 
         from .base import cosine_with_warmup
@@ -770,6 +794,7 @@ class Stepper:
         self._updating = False
         self.probe_peak: tuple[int, int, int | None] | None = None  # (rows, peak bytes, budget) of the last try that ran
         self.fsdp = strategy == "fsdp" and world > 1
+        self.fp8 = use_fp8(fp8, model, device, strategy=strategy, world=world)
         self.compiled = compile_blocks(model, hooks_outside=self.fsdp) if compile_ else 0
         on_cuda = device.type == "cuda"
         self.ds = ds or {}
@@ -1260,7 +1285,7 @@ def prepare(config: dict, spec, reporter=None, *, use_ray_train: bool = False) -
                       total_steps=steps_per_epoch * max_epochs, step_offset=steps_per_epoch * start_epoch,
                       compile_=compile_, ds=ds, world=world, ddp=m["training"].get("ddp"),
                       fsdp=m["training"].get("fsdp"), micro_batch=resolve_micro(training.get("micro_batch"), hp.batch_size),
-                      bf16_weights=training.get("bf16_weights", "auto"))
+                      bf16_weights=training.get("bf16_weights", "auto"), fp8=bool(training.get("fp8", False)))
     if resumed and strategy == "deepspeed":
         if not stepper.load_engine(resumed):  # a checkpoint from another strategy: weights only
             stepper.inner.load_state_dict({k: v for k, v in ckpt_mod.load_checkpoint(resumed).model_state.items()},
