@@ -28,7 +28,7 @@ def _pair(dev: str, dtype: torch.dtype, bias: bool = True, k: int = 128, n: int 
     torch.manual_seed(0)
     ref = nn.Linear(k, n, bias=bias).to(dev, dtype)
     lin = copy.deepcopy(ref)
-    assert fp8.convert_blocks(lin, nn.ModuleList([lin])) == 1 and isinstance(lin, fp8.Float8Linear)
+    assert fp8.convert_blocks(nn.ModuleList([lin])) == 1 and isinstance(lin, fp8.Float8Linear)
     return lin, ref
 
 
@@ -119,14 +119,14 @@ def test_convert_blocks_changes_only_the_blocks_linears():
     outside = [mod for mod in model.modules() if isinstance(mod, nn.Linear)
                and not any(mod is b for b in blocks.modules())]
     assert want and outside  # the tiny Qwen has both: the check below is not empty
-    assert fp8.convert_blocks(model, blocks) == len(want)
+    assert fp8.convert_blocks(blocks) == len(want)
     assert [n for n, mod in blocks.named_modules() if isinstance(mod, fp8.Float8Linear)] == want
     assert not any(isinstance(mod, fp8.Float8Linear) for mod in outside)
     assert list(model.state_dict()) == keys and [id(p) for p in model.parameters()] == params
     odd = nn.ModuleList([nn.Linear(24, 16), nn.Linear(16, 16)])
-    assert fp8.convert_blocks(odd, odd) == 1 and type(odd[0]) is nn.Linear
+    assert fp8.convert_blocks(odd) == 1 and type(odd[0]) is nn.Linear
     toy = nn.ModuleDict({"blocks": nn.ModuleList([nn.Linear(16, 16)]), "head": nn.Linear(16, 16)})
-    assert fp8.convert_blocks(toy, toy["blocks"]) == 1 and type(toy["head"]) is nn.Linear  # aligned, but outside
+    assert fp8.convert_blocks(toy["blocks"]) == 1 and type(toy["head"]) is nn.Linear  # aligned, but outside
 
 
 def test_fp8_compiled_as_eager():

@@ -4,7 +4,7 @@ twice the bf16 rate), with dynamic tensorwise scaling, the recipe of torchao's `
 
 - forward: input and weight each scaled by a power of two that puts the tensor's largest magnitude just
   under E4M3's largest number (448), cast to ``float8_e4m3fn``, multiplied by
-  ``torch._scaled_mm`` into bf16 (the scales undone in the epilogue);
+  ``torch._scaled_mm`` (the scales undone in its epilogue, which adds the bias too);
 - backward: the output's gradient scaled into ``float8_e5m2`` (range before precision) the same way, and
   both gradients (input, weight) computed from FP8 operands, with the fp32 accumulation promoted
   (``use_fast_accum=False``), as torchao does for the gradients;
@@ -14,7 +14,7 @@ Only the blocks' linear layers change (attention's q/k/v/o and the MLP for Qwen2
 MLP for DINOv2); the embedding, the head, norms and attention itself stay bf16. The weights stay what they
 were (fp32 masters, bf16 working weights under ``training.bf16_weights``): FP8 is how they are multiplied,
 not how they are kept, so checkpoints and optimizer state are unchanged. The module's class changes in
-place (``Float8Linear`` is an ``nn.Linear``), so parameter names and the state dict do too.
+place (``Float8Linear`` is an ``nn.Linear``), so parameter names and the state dict stay as they were.
 
 This changes the numerics: ``benchmarks/loss_curve.py`` compares its loss curve with mixed precision over
 the same steps (docs/gpu.md). FP8 matmuls need compute capability 8.9 (Ada, Hopper) on CUDA; PyTorch's CPU
@@ -113,11 +113,11 @@ def fp8_ready(device: torch.device) -> str | None:
     return None
 
 
-def convert_blocks(model: nn.Module, blocks: nn.ModuleList | None) -> int:
+def convert_blocks(blocks: nn.Module | None) -> int:
     """Every ``nn.Linear`` inside ``blocks`` whose dimensions suit ``_scaled_mm`` becomes a ``Float8Linear``
     in place (same parameters, same names). Returns how many."""
     n = 0
-    for mod in (blocks.modules() if blocks is not None else ()):
+    for mod in blocks.modules() if blocks is not None else ():
         if type(mod) is nn.Linear and mod.in_features % ALIGN == 0 and mod.out_features % ALIGN == 0:
             mod.__class__ = Float8Linear
             n += 1

@@ -729,7 +729,7 @@ def use_fp8(knob: bool, model: nn.Module, device: torch.device, *, strategy: str
     why = fp8_ready(device)
     if why:
         raise UserError(f"training.fp8: {why}")
-    n = convert_blocks(model, repeated_blocks(model, min_len=1))
+    n = convert_blocks(repeated_blocks(model, min_len=1))
     log.info("FP8 matmuls in %d linear layers of the blocks (training.fp8)", n)
     return n
 
