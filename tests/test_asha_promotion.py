@@ -17,14 +17,6 @@ import pytest
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 MAX_T = 9
-# The nine configurations, in the order the searcher issues them (OptunaSearch's points_to_evaluate).
-# Two trials run at once, so which reaches a rung first varies from run to run; with the two best
-# configurations first and the rest clearly worse, some trial waits at rung 1 and is promoted in every
-# order of arrival: at the third arrival the best so far is a waiting one, or, where the best itself arrived
-# third (and went straight on), the second best is waiting when the rung's top third grows to two. With
-# randomly drawn configurations some runs had no waiting trial ever make a top third: a correct schedule,
-# but not the path this test is about.
-XS = [0.05, 0.1, 0.8, 0.85, 0.9, 0.95, 0.6, 0.7, 0.75]
 
 
 def _trainable(config):
@@ -54,7 +46,7 @@ def _sweep(tmp_path: Path, *, restore: bool = False):
     sched = PromotingASHA(time_attr="epoch", max_t=MAX_T, grace_period=1, reduction_factor=3,
                           decisions_path=str(decisions), metric="loss", mode="min")
     search = PauseAwareLimiter(OptunaSearch(space={"x": optuna.distributions.FloatDistribution(0, 1)},
-                                            metric="loss", mode="min", points_to_evaluate=[{"x": x} for x in XS],
+                                            metric="loss", mode="min",
                                             sampler=optuna.samplers.RandomSampler(seed=3)), 2)
     tuner = tune.Tuner(
         _trainable,
