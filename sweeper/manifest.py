@@ -604,6 +604,17 @@ def _pydantic_problems(err: ValidationError) -> list[str]:
     return list(problems.values())
 
 
+def _not_one_fast_process(tr, res) -> str | None:
+    """What a manifest's trials run where that is not one process of the fast path's plain step (what
+    ``training.bf16_weights`` and ``training.fp8`` need; ``trainables.speed.one_fast_process`` at run time),
+    else None."""
+    if tr.strategy == "lightning" or (tr.strategy == "auto" and res.gpus == 0):
+        return "the Lightning loop"
+    if res.workers > 1:
+        return f"{res.workers} workers"
+    return "DeepSpeed" if tr.strategy == "deepspeed" else None
+
+
 def _semantic_problems(m) -> list[str]:
     """Cross-field rules, in the user's key names. ``m`` may be partial (a section that failed the
     schema is None): every rule whose inputs validated still runs, so one pass reports everything."""
@@ -685,16 +696,12 @@ def _semantic_problems(m) -> list[str]:
                    f"strategy {tr.strategy}, resources.gpus {res.gpus}); micro-batches are for the fast path "
                    "(GPU trials, or strategy plain, ddp, fsdp or deepspeed)")
     if res is not None and tr is not None and tr.bf16_weights is True:
-        where = ("the Lightning loop" if (tr.strategy == "lightning" or (tr.strategy == "auto" and res.gpus == 0))
-                 else f"{res.workers} workers" if res.workers > 1
-                 else "DeepSpeed" if tr.strategy == "deepspeed"
-                 else f"precision {tr.precision}" if tr.precision in ("fp32", "fp16") else None)
+        where = _not_one_fast_process(tr, res) or (f"precision {tr.precision}" if tr.precision in ("fp32", "fp16")
+                                                   else None)
         if where:
             out.append(f"`training.bf16_weights`: {BF16_WEIGHTS_NEEDS}, but this manifest's trials run {where}")
     if res is not None and tr is not None and tr.fp8:
-        where = ("the Lightning loop" if (tr.strategy == "lightning" or (tr.strategy == "auto" and res.gpus == 0))
-                 else f"{res.workers} workers" if res.workers > 1
-                 else "DeepSpeed" if tr.strategy == "deepspeed" else None)
+        where = _not_one_fast_process(tr, res)
         if where:
             out.append(f"`training.fp8`: {FP8_NEEDS}, but this manifest's trials run {where}")
     if res is not None and tr is not None and tr.strategy == "plain" and res.workers > 1:

@@ -695,12 +695,18 @@ class MasterWeights:
         self.buf = [None] * len(self.work)
 
 
+def one_fast_process(strategy: str, world: int) -> bool:
+    """A trial that is one process of the fast path's plain step (not the Lightning loop, DeepSpeed or several
+    workers): where ``training.bf16_weights`` and ``training.fp8`` apply. The manifest check says the same
+    before the sweep starts (``sweeper.manifest._not_one_fast_process``)."""
+    return strategy not in ("deepspeed", "lightning") and world == 1
+
+
 def uses_bf16_weights(knob: Any, *, on_cuda: bool, strategy: str, world: int, precision: str) -> bool:
     """Whether ``training.bf16_weights`` (``knob``) applies: one process on the fast path's plain step, in bf16
     mixed precision; ``auto`` only on CUDA. ``true`` where it cannot apply is a UserError. The trial's
     Stepper and the packing probe (``sweeper.packing.probe_peak_bytes``) both ask here."""
-    one = strategy not in ("deepspeed", "lightning") and not (strategy in ("ddp", "fsdp") and world > 1)
-    fits = one and precision == "bf16-mixed"
+    fits = one_fast_process(strategy, world) and precision == "bf16-mixed"
     if knob is True and not fits:
         from sweeper.errors import UserError
 
@@ -724,7 +730,7 @@ def use_fp8(knob: bool, model: nn.Module, device: torch.device, *, strategy: str
 
     from .fp8 import convert_blocks, fp8_ready
 
-    if strategy in ("deepspeed", "lightning") or world > 1:
+    if not one_fast_process(strategy, world):
         raise UserError(f"training.fp8: {FP8_NEEDS}, but this trial runs strategy {strategy}, {world} worker(s)")
     why = fp8_ready(device)
     if why:
