@@ -65,3 +65,11 @@ b --manifest $Q15 --label q15-bs16-fp8-mixed --set search.space.batch_size=16 --
 b --manifest $Q5 --label q05-bs64-fp8-mixed --set search.space.batch_size=64 --set training.fp8=true --set training.bf16_weights=false --modes product
 b --manifest $Q15 --label q15-bs16-fp8-vs-plain --set search.space.batch_size=16 --set training.fp8=true --modes product,plain,plain-clip --steps 20 --rounds 5
 b --manifest $Q5 --label q05-bs16-fp8-vs-plain-long --set training.fp8=true --modes product,plain,plain-clip --steps 40 --rounds 5
+# 2026-11-27 (ninth session): training.fast_blocks (DINOv2: LayerScale folded into the projections) against the
+# same step without it, each its own process
+b --manifest $VB --label vitb-bs512-fastoff --set search.space.batch_size=512 --set training.fast_blocks=false --modes product
+b --manifest $VB --label vitb-bs512-fast --set search.space.batch_size=512 --modes product
+b --manifest $VB --label vitb-bs128-fast-vs-plain --modes product,plain,plain-clip
+b --manifest $VS --label vits-bs512-fastoff --set search.space.batch_size=512 --set training.fast_blocks=false --modes product
+b --manifest $VS --label vits-bs512-fast --set search.space.batch_size=512 --modes product
+b --manifest $VB --label vitb-bs512-fast-autotune --set search.space.batch_size=512 --modes product --autotune

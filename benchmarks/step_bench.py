@@ -125,7 +125,7 @@ def _profile(fn, dev, warmup, steps, path, info):
             fn()
         _sync(dev)
     wall = time.perf_counter() - t
-    table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
+    table = prof.key_averages().table(sort_by=key, row_limit=int(os.environ.get("PROF_ROWS", 30)), max_name_column_width=70)
     head = dict(info, mode="profile", steps=steps, wall_s=round(wall, 4))
     if dev.type == "cuda":
         head.update(stream_overlap(prof))
@@ -153,6 +153,8 @@ def main(argv=None):
     ap.add_argument("--fp8-only", default=None, metavar="SUBSTR",
                     help="experiment, with training.fp8: only the linear layers whose name contains SUBSTR keep FP8 "
                          "(e.g. 'mlp.'), the others go back to bf16 before the first (compiling) step")
+    ap.add_argument("--autotune", action="store_true",
+                    help="experiment: Inductor's GEMM autotuning (Triton templates with fused epilogues) for the blocks")
     ap.add_argument("--label", default="")
     ap.add_argument("--out", default=None, help="append JSON lines here")
     a = ap.parse_args(argv)
@@ -170,6 +172,11 @@ def main(argv=None):
     if a.sdpa:
         for name in ("flash", "cudnn", "efficient", "math"):
             getattr(torch.backends.cuda, f"enable_{'mem_' * (name == 'efficient')}{name}_sdp")(name == a.sdpa)
+    if a.autotune:
+        import torch._inductor.config as ic
+
+        ic.max_autotune_gemm = True
+        ic.max_autotune_gemm_backends = "ATEN,TRITON"
     p = speed.prepare(config, spec, None)
     if a.fp8_only:
         from trainables.fp8 import Float8Linear
@@ -188,7 +195,8 @@ def main(argv=None):
                           for i, v in enumerate(st.probe_peak)] if st.probe_peak else None,
                 device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", torch=torch.__version__,
                 **({"sdpa": a.sdpa} if a.sdpa else {}), **({"pure_bf16": True} if a.pure_bf16 else {}),
-                **({"fp8_only": a.fp8_only} if a.fp8_only else {}))
+                **({"fp8_only": a.fp8_only} if a.fp8_only else {}),
+                fast_blocks=st.fast_blocks, **({"autotune": True} if a.autotune else {}))
     first = next(iter(p.train_loader(0)))
     units_per_batch = speed.batch_units(first)[1]
     flops = p.flops_unit or 0.0
@@ -220,6 +228,7 @@ def main(argv=None):
         splits = cached_splits(fam, m["data"], m["model"])
         with (torch.device(dev) if dev.type == "cuda" else torch.device("cpu")):
             model = fam.build_model(m["model"], splits, hp)
+        speed.use_fast_blocks(bool(st.fast_blocks), fam, model)  # training.fast_blocks: the same blocks in both
         speed.use_fp8(bool(st.fp8), model, dev)  # training.fp8: the same FP8 layers in the plain loop
         if st.compiled:
             speed.compile_blocks(model)

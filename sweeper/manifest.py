@@ -240,6 +240,13 @@ class TrainingSpec(Strict):
     mixed precision. One process of the fast path only (not the Lightning loop, DeepSpeed or several
     workers, where it is not tested)."""
 
+    fast_blocks: bool = True
+    """The model family's faster form of its repeated blocks, with the same arithmetic (only where roundings
+    happen moves), on the fast path. DINOv2 (``trainables.dinov2_fast``): each LayerScale folded into the
+    projection before it (ViT-B/14 at batch 512 on the H100: 3 % faster, 2.4 GB less memory). Families
+    without such a form are unchanged. Not under DeepSpeed ZeRO-3. Parameters, checkpoints and the
+    optimizer are unchanged."""
+
     @field_validator("micro_batch", mode="before")
     @classmethod
     def _micro_batch(cls, v: Any) -> Any:
@@ -859,7 +866,7 @@ FP8_NEEDS = ("true needs one process of the fast path (a GPU trial, or strategy 
 # it was, so re-running an older manifest still resumes its sweep. (tests/test_manifest.py holds an identity
 # computed before ``training.micro_batch`` was added.)
 LATER_DEFAULTS: dict[tuple[str, str], Any] = {("training", "micro_batch"): "auto", ("training", "bf16_weights"): "auto",
-                                              ("training", "fp8"): False}
+                                              ("training", "fp8"): False, ("training", "fast_blocks"): True}
 
 
 def load(path: str | os.PathLike, overrides: list[str] | None = None) -> Loaded:

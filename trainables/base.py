@@ -99,6 +99,12 @@ class Family:
     def collate(self, rows):
         return torch.utils.data.default_collate(rows)
 
+    def fast_blocks(self, model: nn.Module) -> int:
+        """``training.fast_blocks``: make the model's repeated blocks a faster form with the same arithmetic, in
+        place (parameters and state dict unchanged), before they are compiled. Returns how many blocks
+        changed; a family without such a form changes none."""
+        return 0
+
     # shared ---------------------------------------------------------------------------------
     def loader(self, dataset, batch_size: int, shuffle: bool, seed: int, first_epoch: int = 0):
         """Batches of ``dataset``; shuffled, each epoch's order depends on (seed, epoch) alone, so a

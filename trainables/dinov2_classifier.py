@@ -132,6 +132,12 @@ class DinoClassifier(Family):
         head = nn.Sequential(nn.Dropout(hp.dropout), nn.Linear(2 * h, len(splits.info["classes"])))
         return Regressor(backbone, head)
 
+    def fast_blocks(self, model: nn.Module) -> int:
+        from .dinov2_fast import convert_layers
+        from .speed import repeated_blocks
+
+        return convert_layers(repeated_blocks(model, min_len=1))
+
     def forward(self, model, x):
         h = model.backbone(pixel_values=x).last_hidden_state
         # DINOv2's linear-probe recipe: the CLS token next to the mean of the patch tokens

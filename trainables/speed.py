@@ -10,6 +10,8 @@ fast, each measured in ``benchmarks/`` against the plain-PyTorch step it wraps:
 - fused AdamW (``torch.optim.AdamW(fused=True)``; also under DeepSpeed, through
   ``zero_allow_untested_optimizer``: no just-in-time build of DeepSpeed's own ops);
 - SDPA attention (the families build their configs with ``attn_implementation="sdpa"``);
+- the family's faster form of its blocks with the same arithmetic (``Family.fast_blocks``,
+  ``training.fast_blocks``; DINOv2's LayerScale folded into the projections, ``trainables/dinov2_fast.py``);
 - regional ``torch.compile`` (each repeated block compiled once, ``training.compile``);
 - no host stalls: batches are collated and pinned on a background thread and copied to the GPU on a
   side stream one step ahead; the loss is summed on the device and read once per epoch; no
@@ -717,6 +719,19 @@ def uses_bf16_weights(knob: Any, *, on_cuda: bool, strategy: str, world: int, pr
     return fits and (knob is True or (knob == "auto" and on_cuda))
 
 
+def use_fast_blocks(knob: bool, family, model: nn.Module, *, strategy: str = "plain", stage: int | None = None) -> int:
+    """``training.fast_blocks``: the family's faster form of its blocks (``Family.fast_blocks``; DINOv2:
+    ``trainables.dinov2_fast``), before fp8 and compile. Not under DeepSpeed ZeRO-3, which partitions each
+    parameter and gathers it only for its own module's forward (the folded layer reads the LayerScale
+    module's). The trial's Stepper, the packing probe and the step benchmark's plain loop call this."""
+    if not knob or (strategy == "deepspeed" and stage == 3):
+        return 0
+    n = family.fast_blocks(model)
+    if n:
+        log.info("fast blocks: %d of the model's blocks (training.fast_blocks)", n)
+    return n
+
+
 def use_fp8(knob: bool, model: nn.Module, device: torch.device, *, strategy: str = "plain", world: int = 1) -> int:
     """``training.fp8``: the repeated blocks' linear layers made ``trainables.fp8.Float8Linear`` (before the
     blocks are compiled or their weights swapped for bf16). Returns how many. A device that cannot multiply
@@ -779,7 +794,8 @@ class Stepper:
     def __init__(self, family, model: nn.Module, hp, *, strategy: str, device: torch.device, precision: str,
                  grad_clip: float, total_steps: int, step_offset: int = 0, compile_: bool = False,
                  ds: dict | None = None, world: int = 1, ddp: dict | None = None, fsdp: dict | None = None,
-                 micro_batch: int | None = None, bf16_weights: Any = False, fp8: bool = False):
+                 micro_batch: int | None = None, bf16_weights: Any = False, fp8: bool = False,
+                 fast_blocks: bool = False):
         from sweeper.manifest import DDPSpec, FSDPSpec
 
         from .base import cosine_with_warmup
@@ -800,11 +816,12 @@ class Stepper:
         self._updating = False
         self.probe_peak: tuple[int, int, int | None] | None = None  # (rows, peak bytes, budget) of the last try that ran
         self.fsdp = strategy == "fsdp" and world > 1
+        self.ds = ds or {}
+        self.stage = int(self.ds.get("stage", 2)) if strategy == "deepspeed" else None
+        self.fast_blocks = use_fast_blocks(fast_blocks, family, model, strategy=strategy, stage=self.stage)
         self.fp8 = use_fp8(fp8, model, device, strategy=strategy, world=world)
         self.compiled = compile_blocks(model, hooks_outside=self.fsdp) if compile_ else 0
         on_cuda = device.type == "cuda"
-        self.ds = ds or {}
-        self.stage = int(self.ds.get("stage", 2)) if strategy == "deepspeed" else None
         self.engine = None
         self.reducer: BlockAllReduce | None = None
         ddp_spec = DDPSpec(**(ddp or {}))  # the manifest's defaults for a caller that passes none
@@ -1291,7 +1308,8 @@ def prepare(config: dict, spec, reporter=None, *, use_ray_train: bool = False) -
                       total_steps=steps_per_epoch * max_epochs, step_offset=steps_per_epoch * start_epoch,
                       compile_=compile_, ds=ds, world=world, ddp=m["training"].get("ddp"),
                       fsdp=m["training"].get("fsdp"), micro_batch=resolve_micro(training.get("micro_batch"), hp.batch_size),
-                      bf16_weights=training.get("bf16_weights", "auto"), fp8=bool(training.get("fp8", False)))
+                      bf16_weights=training.get("bf16_weights", "auto"), fp8=bool(training.get("fp8", False)),
+                      fast_blocks=bool(training.get("fast_blocks", True)))
     if resumed and strategy == "deepspeed":
         if not stepper.load_engine(resumed):  # a checkpoint from another strategy: weights only
             stepper.inner.load_state_dict({k: v for k, v in ckpt_mod.load_checkpoint(resumed).model_state.items()},

@@ -1,0 +1,136 @@
+"""``training.fast_blocks`` for DINOv2 (trainables/dinov2_fast.py): each LayerScale folded into the projection
+before it. The same arithmetic as the blocks it replaces: checked against the unconverted model (outputs and
+every gradient, eager and compiled), in a real trial, and on the GPU in the product's compiled bf16 step."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from sweeper.trial import ListReporter, TrialSpec, train_loop
+from tests.test_trainables import TINY_DINO, resolved
+from trainables import dinov2_fast as fast
+
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _tiny(layers=2, **over):
+    from transformers import Dinov2Config, Dinov2Model
+
+    cfg = Dinov2Config(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, image_size=28, patch_size=7,
+                       layerscale_value=0.5, **over)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return Dinov2Model(cfg)
+
+
+def _run(model, x, g):
+    out = model(pixel_values=x).last_hidden_state
+    out.backward(g)
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_fast_layers_are_the_same_model():
+    """Converted in place: the same parameters (the same objects) and state-dict keys; the same outputs and
+    every gradient (the LayerScales' included) as the original blocks, eager and compiled, with every weight,
+    bias and scale drawn at random (a scale applied along the wrong axis, or to the weight but not the bias,
+    shows). A LayerScale whose parameter object is replaced (as ``training.bf16_weights`` does) is followed;
+    a linear layer that is not a plain ``nn.Linear`` is left alone."""
+    base = _tiny()
+    with torch.no_grad():
+        for p in base.parameters():
+            p.normal_(0.0, 0.3)
+    model = copy.deepcopy(base)
+    keys, params = list(model.state_dict()), [id(p) for p in model.parameters()]
+    assert fast.convert_layers(model.encoder.layer) == 2
+    for b in model.encoder.layer:
+        assert isinstance(b.layer_scale1, fast.FoldedLayerScale) and isinstance(b.layer_scale2, fast.FoldedLayerScale)
+        assert sum(isinstance(m, fast.LayerScaledLinear) for m in b.modules()) == 2
+    assert fast.convert_layers(model.encoder.layer) == 0  # already converted
+    assert list(model.state_dict()) == keys and [id(p) for p in model.parameters()] == params
+    x, g = torch.randn(3, 3, 28, 28), torch.randn(3, 17, 32)
+    out0, grads0 = _run(base, x, g)
+    assert not torch.allclose(out0, _run(_tiny(), x, g)[0])  # the random draw matters
+    for compiled in (False, True):
+        m = copy.deepcopy(model)
+        for b in m.encoder.layer if compiled else []:
+            b.compile()
+        out, grads = _run(m, x, g)
+        torch.testing.assert_close(out, out0, rtol=1e-5, atol=1e-5)
+        assert grads.keys() == grads0.keys() and any("lambda1" in n for n in grads)
+        for n, gr in grads.items():
+            if not n.endswith(("k_proj.bias", "key.bias")):  # mathematically zero (softmax ignores a shift)
+                torch.testing.assert_close(gr, grads0[n], rtol=1e-4, atol=1e-5 * float(grads0[n].abs().max()))
+    for mod in (base, model):  # a new parameter object, as MasterWeights makes
+        mod.encoder.layer[1].layer_scale2.lambda1 = nn.Parameter(torch.linspace(-1, 1, 32))
+    torch.testing.assert_close(model(pixel_values=x).last_hidden_state, base(pixel_values=x).last_hidden_state,
+                               rtol=1e-5, atol=1e-5)
+
+    class Other(nn.Linear):
+        pass
+
+    ls = _tiny().encoder.layer[0].layer_scale1
+    assert not fast.fold(ls, Other(32, 32)) and not fast.fold(ls, nn.Linear(32, 16))
+    assert not isinstance(ls, fast.FoldedLayerScale)
+
+
+def test_fast_blocks_trial_and_setting(tmp_path):
+    """A real tiny-DINOv2 trial on the fast path converts its blocks and learns as it does without them; the
+    setting is on by default and leaves a sweep's identity as it was; DeepSpeed ZeRO-3 and a family without
+    fast blocks change nothing."""
+    from sweeper import manifest as mf
+    from trainables import registry, speed
+    from trainables.base import HParams, cached_splits
+
+    def m(*extra):
+        return resolved(TINY_DINO, ["training.max_epochs=2", "scheduler.max_t=2", "training.strategy=plain",
+                                    "training.precision=bf16", *extra])
+
+    hp = {"lr": 3e-3, "batch_size": 16}
+    p = speed.prepare(hp, TrialSpec(manifest=m()), None)
+    assert p.stepper.fast_blocks == 1
+    assert isinstance(p.stepper.model.backbone.encoder.layer[0].layer_scale2, fast.FoldedLayerScale)
+    runs = {}
+    for name, extra in (("on", []), ("off", ["training.fast_blocks=false"])):
+        rep = ListReporter(str(tmp_path / name))
+        train_loop(hp, TrialSpec(manifest=m(*extra)), rep)
+        runs[name] = [r["train_loss"] for r in rep.reports]
+    assert runs["on"] == pytest.approx(runs["off"], rel=0.02) and runs["on"][-1] < runs["on"][0]
+
+    assert m()["training"]["fast_blocks"] is True and ("training", "fast_blocks") in mf.LATER_DEFAULTS
+    from tests.conftest import ROOT
+
+    demo = ROOT / "search_spaces/qwen-tiny_regression_cpu.yaml"  # its identity from before the setting existed
+    assert mf.load(demo, ["training.fast_blocks=true"]).identity() == "2d3cf794bc"
+    assert mf.load(demo, ["training.fast_blocks=false"]).identity() != "2d3cf794bc"
+    with pytest.raises(Exception, match="fast_blocks"):
+        m("training.fast_blocks=maybe")
+    family = registry.get("dinov2_classifier")
+    dm = m()
+    model = family.build_model(dm["model"], cached_splits(family, dm["data"], dm["model"]),
+                               HParams.from_config(hp, family.info.hyperparameters))
+    assert speed.use_fast_blocks(True, family, model, strategy="deepspeed", stage=3) == 0
+    assert speed.use_fast_blocks(False, family, model) == 0
+    assert speed.use_fast_blocks(True, family, model, strategy="deepspeed", stage=2) == 1
+    assert registry.get("qwen_regression").fast_blocks(nn.Linear(2, 2)) == 0
+
+
+@_CUDA
+def test_fast_blocks_compiled_step_on_cuda():
+    """The product's compiled step with bf16 weights and the fast blocks on the GPU: the same losses as without
+    them, to bf16 rounding (two epochs of this tiny set at this rate do not lower the loss, with or without)."""
+    from trainables import speed
+
+    losses = {}
+    for on in (True, False):
+        m = resolved(TINY_DINO, ["training.max_epochs=1", "scheduler.max_t=1", "resources.gpus=1",
+                                 "training.compile=true", f"training.fast_blocks={str(on).lower()}",
+                                 "model.config_overrides.image_size=56", "model.config_overrides.patch_size=7"])
+        torch.manual_seed(0)
+        p = speed.prepare({"lr": 1e-3, "batch_size": 16}, TrialSpec(manifest=m), None)
+        assert p.stepper.fast_blocks == int(on) and p.stepper.compiled
+        losses[on] = [float(p.stepper.step(b)) for _ in range(2) for b in p.train_loader(0)]
+    assert all(v == v for v in losses[True]) and losses[True] == pytest.approx(losses[False], rel=0.05)
