@@ -58,7 +58,21 @@ def _sweep(tmp_path: Path, *, restore: bool = False):
 
 
 def test_promotions_train_the_ideal_schedule_and_nothing_twice(tmp_path):
-    grid, decisions = _sweep(tmp_path)
+    """Every sweep's schedule is checked in full. Two trials run at once, so the order in which results reach a
+    rung varies from run to run, and some orders (each new arrival better than all before it) leave no waiting
+    trial in a rung's top third: a correct schedule, but not the path this test is about. Such a run is
+    checked and the sweep run again, at most three times in all."""
+    for attempt in range(3):
+        run = tmp_path / f"run{attempt}"
+        run.mkdir()
+        grid, decisions = _sweep(run)
+        if _check_schedule(grid, decisions):
+            return
+    pytest.fail("no trial waited and was promoted, in three sweeps")
+
+
+def _check_schedule(grid, decisions) -> dict:
+    """Assert the schedule's invariants; returns {trial: rung} for the trials that waited and were promoted."""
     assert len(grid) == 9 and not grid.errors
     epochs, configs, final_start = {}, {}, {}
     for r in grid:
@@ -80,7 +94,6 @@ def test_promotions_train_the_ideal_schedule_and_nothing_twice(tmp_path):
     for d in recs:
         if d["action"] == "promote":
             waited[d["trial_id"]] = max(waited.get(d["trial_id"], 0), d["rung"])
-    assert waited, "no trial waited and was promoted"
     for t, start in final_start.items():
         assert start == waited.get(t, 0), (t, start, waited.get(t, 0))
     acts = {}
@@ -98,6 +111,7 @@ def test_promotions_train_the_ideal_schedule_and_nothing_twice(tmp_path):
         left = {t for t, a in acts.items() if (rung, "continue") in a or (rung, "promote") in a}
         assert top and set(top) <= left, (rung, top, left)
     assert [a for a in acts[best] if a[1] == "complete"], acts[best]
+    return waited
 
 
 def test_a_resumed_scheduler_rebuilds_its_rungs_from_the_decisions_file(tmp_path):
