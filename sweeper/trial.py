@@ -630,7 +630,8 @@ def evaluate(manifest: dict, config: dict, weights: str, split: str = "test", ro
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=bf16):
         for batch in family.loader(ds, manifest["training"]["eval_batch_size"], shuffle=False, seed=0):
             o = family.eval_batch(model, _to_device(batch, dev))
-            outs.append({k: v.float().cpu() for k, v in o.items()})
+            # bf16 outputs to fp32; class targets stay integers (cross-entropy takes no float targets)
+            outs.append({k: (v.float() if v.is_floating_point() else v).cpu() for k, v in o.items()})
     del model
     if dev.type == "cuda":
         torch.cuda.empty_cache()

@@ -48,6 +48,11 @@ def test_trains_reports_each_epoch_and_learns(base, tmp_path):
     assert len(rep.checkpoints) == 3
     for key in ("time_train_s", "time_eval_s", "time_ckpt_s", "time_startup_s"):
         assert rep.reports[-1][key] >= 0
+    # the export's report on the test split, from the saved weights (DINOv2's integer class targets included)
+    from sweeper.trial import evaluate
+
+    test = evaluate(m, {"lr": 3e-3, "batch_size": 16}, rep.checkpoints[-1], "test", "report")
+    assert "test_" + metric[len("val_"):] in test and all(np.isfinite(v) for v in test.values()), test
 
 
 def test_qwen_reports_per_dimension_metrics(tmp_path):

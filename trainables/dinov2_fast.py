@@ -5,7 +5,7 @@ A DINOv2 block scales each branch's output by a learned per-channel vector befor
 (only where a rounding happens moves). The scale then touches the 768 × 768 weight instead of an
 activation-sized tensor (131k rows at batch 512): the backward's reduction of ``y ∘ dy`` over every row for
 ``ls``'s gradient becomes one over the weight's rows, and ``y`` is not kept for it. Measured on the H100,
-ViT-B/14 at batch 512: 198.3 → 192.1 ms a step and 2.4 GB less peak memory (docs/gpu.md).
+ViT-B/14 at batch 512: 197.7 → 191.6 ms a step and 2.4 GB less peak memory (docs/gpu.md).
 
 Only classes change, in place: the branch's last linear layer (the attention's output projection, the MLP's
 second layer) becomes ``LayerScaledLinear``, which reads the scale from the block's LayerScale module, and
