@@ -15,3 +15,10 @@ c() { case " ${CURVES:-q05 q15 vitb} " in *" $1 "*) ;; *) return ;; esac
 c q05 --manifest search_spaces/qwen2.5-0.5b_regression_gpu.yaml --hp lr=1e-4 --steps ${STEPS:-240}
 c q15 --manifest search_spaces/qwen2.5-1.5b_regression_gpu.yaml --hp lr=1e-4 --set search.space.batch_size=16 --steps ${STEPS:-240}
 c vitb --manifest search_spaces/dinov2-vitb14_classifier_gpu.yaml --hp lr=1e-4 --set training.max_epochs=15 --steps ${STEPS:-240}
+# training.fast_blocks (ninth session; the same arithmetic, roundings moved): ViT-B/14 with it against without it,
+# and without it reordered as the yardstick (bf16 weights on in all three, the default). CURVES=vitb-fast
+case " ${CURVES:-q05 q15 vitb} " in *" vitb-fast "*)
+  timeout -k 5 ${T:-450} python3 benchmarks/loss_curve.py --out $O/curve_vitb-fast.json \
+    --manifest search_spaces/dinov2-vitb14_classifier_gpu.yaml --hp lr=1e-4 --set training.max_epochs=15 --steps ${STEPS:-240} \
+    --variant plain-blocks:training.fast_blocks=false --variant fast:training.fast_blocks=true \
+    --variant plain-blocks-order2:training.fast_blocks=false@order=1 2>&1 | grep '^{' | tee -a $O/curves.log ;; esac
