@@ -228,8 +228,8 @@ def main(argv=None):
         splits = cached_splits(fam, m["data"], m["model"])
         with (torch.device(dev) if dev.type == "cuda" else torch.device("cpu")):
             model = fam.build_model(m["model"], splits, hp)
-        speed.use_fast_blocks(bool(st.fast_blocks), fam, model)  # training.fast_blocks: the same blocks in both
-        speed.use_fp8(bool(st.fp8), model, dev)  # training.fp8: the same FP8 layers in the plain loop
+        # training.fast_blocks and training.fp8: the same blocks in the plain loop as in the product
+        speed.transform_blocks(fam, model, dev, fast_blocks=bool(st.fast_blocks), fp8=bool(st.fp8))
         if st.compiled:
             speed.compile_blocks(model)
         model.to(dev)

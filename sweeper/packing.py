@@ -86,7 +86,7 @@ def probe_peak_bytes(manifest: dict) -> dict:
 
     from trainables import registry
     from trainables.base import HParams, cached_splits, resolve_precision
-    from trainables.speed import (MasterWeights, resolve_micro, resolve_strategy, slice_rows, use_fast_blocks, use_fp8,
+    from trainables.speed import (MasterWeights, resolve_micro, resolve_strategy, slice_rows, transform_blocks,
                                   uses_bf16_weights, wants_fast_path)
 
     family = registry.get(manifest["trainable"])
@@ -106,8 +106,9 @@ def probe_peak_bytes(manifest: dict) -> dict:
     master_on = uses_bf16_weights(manifest["training"].get("bf16_weights", "auto"), on_cuda=True, world=1,
                                   strategy=resolve_strategy(manifest) if wants_fast_path(manifest) else "lightning",
                                   precision=prec)
-    use_fast_blocks(bool(manifest["training"].get("fast_blocks", True)), family, model)  # as the trial's blocks
-    use_fp8(bool(manifest["training"].get("fp8", False)), model, dev)  # FP8 layers keep their inputs in 1 byte
+    # the blocks as the trial's (FP8 layers keep their inputs in 1 byte)
+    transform_blocks(family, model, dev, fast_blocks=bool(manifest["training"].get("fast_blocks", True)),
+                     fp8=bool(manifest["training"].get("fp8", False)))
     master = MasterWeights(model) if master_on else None
     opt = torch.optim.AdamW(master.masters if master is not None else model.parameters(), lr=1e-4)
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(prec)

@@ -116,6 +116,14 @@ def test_fast_blocks_trial_and_setting(tmp_path):
     assert speed.use_fast_blocks(False, family, model) == 0
     assert speed.use_fast_blocks(True, family, model, strategy="deepspeed", stage=2) == 1
     assert registry.get("qwen_regression").fast_blocks(nn.Linear(2, 2)) == 0
+    # the trial's order: fast blocks, then FP8, which leaves the folded layers bf16 and takes the others
+    from trainables.fp8 import Float8Linear
+
+    model = family.build_model(dm["model"], cached_splits(family, dm["data"], dm["model"]),
+                               HParams.from_config(hp, family.info.hyperparameters))
+    fast_n, fp8_n = speed.transform_blocks(family, model, torch.device("cpu"), fast_blocks=True, fp8=True)
+    kinds = {type(m) for m in model.backbone.encoder.layer.modules() if isinstance(m, nn.Linear)}
+    assert fast_n == 1 and fp8_n > 0 and kinds == {fast.LayerScaledLinear, Float8Linear}
 
 
 @_CUDA

@@ -721,9 +721,9 @@ def uses_bf16_weights(knob: Any, *, on_cuda: bool, strategy: str, world: int, pr
 
 def use_fast_blocks(knob: bool, family, model: nn.Module, *, strategy: str = "plain", stage: int | None = None) -> int:
     """``training.fast_blocks``: the family's faster form of its blocks (``Family.fast_blocks``; DINOv2:
-    ``trainables.dinov2_fast``), before fp8 and compile. Not under DeepSpeed ZeRO-3, which partitions each
-    parameter and gathers it only for its own module's forward (the folded layer reads the LayerScale
-    module's). The trial's Stepper, the packing probe and the step benchmark's plain loop call this."""
+    ``trainables.dinov2_fast``; applied through ``transform_blocks``). Not under DeepSpeed ZeRO-3, which
+    partitions each parameter and gathers it only for its own module's forward (the folded layer reads the
+    LayerScale module's)."""
     if not knob or (strategy == "deepspeed" and stage == 3):
         return 0
     n = family.fast_blocks(model)
@@ -736,8 +736,7 @@ def use_fp8(knob: bool, model: nn.Module, device: torch.device, *, strategy: str
     """``training.fp8``: the repeated blocks' linear layers made ``trainables.fp8.Float8Linear`` (before the
     blocks are compiled or their weights swapped for bf16). Returns how many. A device that cannot multiply
     in FP8, or a trial that is not one process of the fast path's plain step (several workers, DeepSpeed:
-    not tested with FP8), is a UserError naming the field. The trial's Stepper, the packing probe and the
-    step benchmark's plain loop call this."""
+    not tested with FP8), is a UserError naming the field. Applied through ``transform_blocks``."""
     if not knob:
         return 0
     from sweeper.errors import UserError
@@ -753,6 +752,16 @@ def use_fp8(knob: bool, model: nn.Module, device: torch.device, *, strategy: str
     n = convert_blocks(repeated_blocks(model, min_len=1))
     log.info("FP8 matmuls in %d linear layers of the blocks (training.fp8)", n)
     return n
+
+
+def transform_blocks(family, model: nn.Module, device: torch.device, *, fast_blocks: bool, fp8: bool,
+                     strategy: str = "plain", world: int = 1, stage: int | None = None) -> tuple[int, int]:
+    """The changes a trial makes to its blocks before compiling them, in their one order: the family's fast
+    blocks, then FP8 (which takes plain ``nn.Linear`` only, so layers the fast blocks replaced stay bf16).
+    Returns (blocks made fast, layers made FP8). The trial's Stepper, the packing probe and the step
+    benchmark's plain loop all call this, so the three hold the same model."""
+    return (use_fast_blocks(fast_blocks, family, model, strategy=strategy, stage=stage),
+            use_fp8(fp8, model, device, strategy=strategy, world=world))
 
 
 def _smaller_divisor(m: int, n: int) -> int:
@@ -818,8 +827,8 @@ class Stepper:
         self.fsdp = strategy == "fsdp" and world > 1
         self.ds = ds or {}
         self.stage = int(self.ds.get("stage", 2)) if strategy == "deepspeed" else None
-        self.fast_blocks = use_fast_blocks(fast_blocks, family, model, strategy=strategy, stage=self.stage)
-        self.fp8 = use_fp8(fp8, model, device, strategy=strategy, world=world)
+        self.fast_blocks, self.fp8 = transform_blocks(family, model, device, fast_blocks=fast_blocks, fp8=fp8,
+                                                      strategy=strategy, world=world, stage=self.stage)
         self.compiled = compile_blocks(model, hooks_outside=self.fsdp) if compile_ else 0
         on_cuda = device.type == "cuda"
         self.engine = None
