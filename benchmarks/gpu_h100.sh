@@ -76,8 +76,3 @@ b --manifest $VB --label vitb-bs512-fast-autotune --set search.space.batch_size=
 # 2026-11-28 (tenth session): ViT-B/14 at a larger batch (768 fits the H100 whole), against 512 in the same call
 b --manifest $VB --label vitb-bs512-ctl --set search.space.batch_size=512 --modes product
 b --manifest $VB --label vitb-bs768-fast --set search.space.batch_size=768 --modes product
-# 2026-11-28 (tenth session): DINOv2's fused GELU MLP (trainables/gelu_mlp.py, in training.fast_blocks on CUDA)
-# against the fast blocks without it (the LayerScale fold alone), each its own process
-b --manifest $VB --label vitb-bs512-nofused --set search.space.batch_size=512 --modes product --no-fused-mlp
-b --manifest $VB --label vitb-bs512-fused --set search.space.batch_size=512 --modes product
-b --manifest $VB --label vitb-bs128-fused-vs-plain --modes product,plain,plain-clip

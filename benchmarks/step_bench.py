@@ -135,13 +135,6 @@ def _profile(fn, dev, warmup, steps, path, info):
     return [head]
 
 
-def _fused_mlps(model) -> int:
-    """How many of the model's MLPs are ``trainables.gelu_mlp.GeluMLP`` (GELU in the matmuls' epilogues)."""
-    from trainables.gelu_mlp import GeluMLP
-
-    return sum(isinstance(mod, GeluMLP) for mod in model.modules())
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--manifest", required=True)
@@ -162,9 +155,6 @@ def main(argv=None):
                          "(e.g. 'mlp.'), the others go back to bf16 before the first (compiling) step")
     ap.add_argument("--autotune", action="store_true",
                     help="experiment: Inductor's GEMM autotuning (Triton templates with fused epilogues) for the blocks")
-    ap.add_argument("--no-fused-mlp", action="store_true",
-                    help="experiment: training.fast_blocks without DINOv2's fused GELU MLP (trainables/gelu_mlp.py), "
-                         "the LayerScale fold alone, for a side-by-side row")
     ap.add_argument("--label", default="")
     ap.add_argument("--out", default=None, help="append JSON lines here")
     a = ap.parse_args(argv)
@@ -187,10 +177,6 @@ def main(argv=None):
 
         ic.max_autotune_gemm = True
         ic.max_autotune_gemm_backends = "ATEN,TRITON"
-    if a.no_fused_mlp:
-        from trainables import dinov2_fast
-
-        dinov2_fast.FUSE_MLP = False
     p = speed.prepare(config, spec, None)
     if a.fp8_only:
         from trainables.fp8 import Float8Linear
@@ -210,8 +196,7 @@ def main(argv=None):
                 device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", torch=torch.__version__,
                 **({"sdpa": a.sdpa} if a.sdpa else {}), **({"pure_bf16": True} if a.pure_bf16 else {}),
                 **({"fp8_only": a.fp8_only} if a.fp8_only else {}),
-                fast_blocks=st.fast_blocks, **({"autotune": True} if a.autotune else {}),
-                fused_mlp=_fused_mlps(st.model))
+                fast_blocks=st.fast_blocks, **({"autotune": True} if a.autotune else {}))
     first = next(iter(p.train_loader(0)))
     units_per_batch = speed.batch_units(first)[1]
     flops = p.flops_unit or 0.0

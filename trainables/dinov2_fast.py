@@ -32,13 +32,9 @@ class LayerScaledLinear(nn.Linear):
     ``fold`` linked (kept outside the module tree: the parameter stays where it was, under its own name, and a
     step that replaces parameter objects, as ``training.bf16_weights`` does, is followed)."""
 
-    def effective(self):
-        """The weight and bias this layer multiplies by: ``diag(ls) W`` and ``ls ∘ b``."""
-        ls = self._layer_scale.lambda1
-        return self.weight * ls.unsqueeze(-1), None if self.bias is None else self.bias * ls
-
     def forward(self, x):
-        return F.linear(x, *self.effective())
+        ls = self._layer_scale.lambda1
+        return F.linear(x, self.weight * ls.unsqueeze(-1), None if self.bias is None else self.bias * ls)
 
 
 class FoldedLayerScale(nn.Module):
@@ -78,19 +74,11 @@ def _folded_class(orig: type) -> type:
     return _FOLDED[orig]
 
 
-FUSE_MLP = True  # the step benchmark's ``--no-fused-mlp`` turns it off, for a side-by-side row
-
-
 def convert_layers(blocks: nn.ModuleList | None) -> int:
-    """Fold both LayerScales of every DINOv2 block in ``blocks`` into the projections before them, and make its
-    MLP a ``gelu_mlp.GeluMLP`` (GELU in the matmuls' epilogues, on CUDA), in place (before compiling). Returns
-    how many blocks changed (both branches folded)."""
-    from .gelu_mlp import convert
-
+    """Fold both LayerScales of every DINOv2 block in ``blocks`` into the projections before them, in place
+    (before compiling). Returns how many blocks changed (both branches folded)."""
     n = 0
     for layer in blocks or []:
-        if FUSE_MLP and getattr(layer, "mlp", None) is not None:
-            convert(layer.mlp)
         done = 0
         for ls_name, branch in (("layer_scale1", "attention"), ("layer_scale2", "mlp")):
             ls, sub = getattr(layer, ls_name, None), getattr(layer, branch, None)
