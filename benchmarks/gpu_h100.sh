@@ -76,3 +76,8 @@ b --manifest $VB --label vitb-bs512-fast-autotune --set search.space.batch_size=
 # 2026-11-28 (tenth session): ViT-B/14 at a larger batch (768 fits the H100 whole), against 512 in the same call
 b --manifest $VB --label vitb-bs512-ctl --set search.space.batch_size=512 --modes product
 b --manifest $VB --label vitb-bs768-fast --set search.space.batch_size=768 --modes product
+# 2026-11-28 (tenth session): Inductor's CUDA graphs for the compiled blocks at a host-bound size (0.5B bs 16)
+b --manifest $Q5 --label q05-bs16-ctl --modes product
+b --manifest $Q5 --label q05-bs16-cg --modes product --cudagraphs
+b --manifest $Q5 --label q05-bs16-fp8-cg --set training.fp8=true --modes product --cudagraphs
+b --manifest $Q5 --label q05-bs16-fp8-cg-vs-plain --set training.fp8=true --modes product,plain --cudagraphs

@@ -155,6 +155,9 @@ def main(argv=None):
                          "(e.g. 'mlp.'), the others go back to bf16 before the first (compiling) step")
     ap.add_argument("--autotune", action="store_true",
                     help="experiment: Inductor's GEMM autotuning (Triton templates with fused epilogues) for the blocks")
+    ap.add_argument("--cudagraphs", action="store_true",
+                    help="experiment: Inductor's CUDA graphs for the compiled blocks (what mode='reduce-overhead' "
+                         "turns on): one launch per block graph instead of one per kernel")
     ap.add_argument("--label", default="")
     ap.add_argument("--out", default=None, help="append JSON lines here")
     a = ap.parse_args(argv)
@@ -172,6 +175,10 @@ def main(argv=None):
     if a.sdpa:
         for name in ("flash", "cudnn", "efficient", "math"):
             getattr(torch.backends.cuda, f"enable_{'mem_' * (name == 'efficient')}{name}_sdp")(name == a.sdpa)
+    if a.cudagraphs:
+        import torch._inductor.config as ic
+
+        ic.triton.cudagraphs = True
     if a.autotune:
         import torch._inductor.config as ic
 
@@ -196,7 +203,8 @@ def main(argv=None):
                 device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", torch=torch.__version__,
                 **({"sdpa": a.sdpa} if a.sdpa else {}), **({"pure_bf16": True} if a.pure_bf16 else {}),
                 **({"fp8_only": a.fp8_only} if a.fp8_only else {}),
-                fast_blocks=st.fast_blocks, **({"autotune": True} if a.autotune else {}))
+                fast_blocks=st.fast_blocks, **({"autotune": True} if a.autotune else {}),
+                **({"cudagraphs": True} if a.cudagraphs else {}))
     first = next(iter(p.train_loader(0)))
     units_per_batch = speed.batch_units(first)[1]
     flops = p.flops_unit or 0.0
