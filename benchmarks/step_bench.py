@@ -175,13 +175,11 @@ def main(argv=None):
     if a.sdpa:
         for name in ("flash", "cudnn", "efficient", "math"):
             getattr(torch.backends.cuda, f"enable_{'mem_' * (name == 'efficient')}{name}_sdp")(name == a.sdpa)
-    if a.cudagraphs:
-        import torch._inductor.config as ic
+    import torch._inductor.config as ic
 
+    if a.cudagraphs:
         ic.triton.cudagraphs = True
     if a.autotune:
-        import torch._inductor.config as ic
-
         ic.max_autotune_gemm = True
         ic.max_autotune_gemm_backends = "ATEN,TRITON"
     p = speed.prepare(config, spec, None)

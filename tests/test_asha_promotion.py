@@ -92,6 +92,7 @@ def _check_schedule(grid, decisions) -> dict:
     # orders make happen): the epochs spent are exactly what the decisions say, at least the ideal 21.
     arrived: dict[float, dict[str, float]] = {1: {}, 3: {}}
     left: dict[float, set] = {1: set(), 3: set()}
+    waited: dict[str, float] = {}  # trial -> the highest rung it waited at and was promoted from
     for d in recs:
         rung, tid = d["rung"], d["trial_id"]
         if d["action"] in ("continue", "pause"):
@@ -101,13 +102,11 @@ def _check_schedule(grid, decisions) -> dict:
             top = sorted(arrived[rung], key=arrived[rung].get)[:k]
             assert tid in top and tid not in left[rung], (d, top, sorted(left[rung]))
             left[rung].add(tid)
+        if d["action"] == "promote":
+            waited[tid] = max(waited.get(tid, 0), rung)
     assert sum(epochs.values()) == 9 * 1 + 2 * len(left[1]) + 6 * len(left[3]) >= 21, (epochs, left)
     # a trial that waited at a rung and was promoted resumed from that rung's checkpoint (its last
     # run started there); one that went straight on never restarted
-    waited = {}
-    for d in recs:
-        if d["action"] == "promote":
-            waited[d["trial_id"]] = max(waited.get(d["trial_id"], 0), d["rung"])
     for t, start in final_start.items():
         assert start == waited.get(t, 0), (t, start, waited.get(t, 0))
     acts = {}
@@ -119,11 +118,9 @@ def _check_schedule(grid, decisions) -> dict:
         stop = [d for d in recs if d["trial_id"] == t and d["action"] == "stop"][-1]
         assert stop["value"] > stop["cutoff"], stop  # min mode: it missed the cutoff
     # every trial in a rung's final top third left it
-    for rung in (1, 3):
-        at = {d["trial_id"]: d["value"] for d in recs if d["rung"] == rung and d["action"] in ("pause", "continue")}
+    for rung, at in arrived.items():
         top = sorted(at, key=at.get)[: len(at) // 3]
-        left = {t for t, a in acts.items() if (rung, "continue") in a or (rung, "promote") in a}
-        assert top and set(top) <= left, (rung, top, left)
+        assert top and set(top) <= left[rung], (rung, top, sorted(left[rung]))
     assert [a for a in acts[best] if a[1] == "complete"], acts[best]
     return waited
 
