@@ -213,3 +213,34 @@ def test_fp8_packing_probe_and_compiled_step_on_cuda():
     assert isinstance(p.hp, HParams)
     losses = [float(p.stepper.step(b)) for _ in range(3) for b in p.train_loader(0)]
     assert all(map(lambda v: v == v, losses)) and losses[-1] < losses[0]
+
+
+@_FP8_GPU
+def test_fp8_trial_with_cuda_graphs_on_cuda(tmp_path):
+    """On the GPU a compiled FP8 trial replays its blocks as CUDA graphs (``speed.use_cudagraphs``): a real trial
+    (training with a last partial batch, evaluation, checkpoints) learns as the same trial without them does,
+    and a restart resumes. A compiled trial without FP8 keeps plain launches."""
+    from trainables import speed
+
+    hp = {"lr": 3e-3, "batch_size": 24}  # the training split is no multiple of 24: a smaller last batch
+    gpu = ["resources.gpus=1", "training.compile=true"]
+    p = speed.prepare(hp, TrialSpec(manifest=_m(1, gpu + ["training.fp8=true"])), None)
+    assert p.stepper.cudagraphs and p.stepper.fp8 > 0
+    assert not speed.prepare(hp, TrialSpec(manifest=_m(1, gpu)), None).stepper.cudagraphs
+    reports = {}
+    for graphs in (True, False):
+        rep = ListReporter(str(tmp_path / f"graphs-{graphs}"))
+        orig = speed.use_cudagraphs
+        speed.use_cudagraphs = (lambda **kw: orig(**kw)) if graphs else (lambda **kw: False)
+        try:
+            train_loop(hp, TrialSpec(manifest=_m(2, gpu + ["training.fp8=true"])), rep)
+            if graphs:
+                train_loop(hp, TrialSpec(manifest=_m(3, gpu + ["training.fp8=true"])), rep)
+        finally:
+            speed.use_cudagraphs = orig
+        reports[graphs] = rep
+    on, off = reports[True].reports, reports[False].reports
+    assert [r["epoch"] for r in on] == [1, 2, 3] and os.path.isdir(reports[True].checkpoints[-1])
+    for key in ("train_loss", "val_loss"):
+        got, want = [r[key] for r in on[:2]], [r[key] for r in off]
+        assert all(v == v for v in got) and got == pytest.approx(want, rel=0.02), key
