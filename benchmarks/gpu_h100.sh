@@ -81,3 +81,9 @@ b --manifest $Q5 --label q05-bs16-ctl --modes product
 b --manifest $Q5 --label q05-bs16-cg --modes product --cudagraphs
 b --manifest $Q5 --label q05-bs16-fp8-cg --set training.fp8=true --modes product --cudagraphs
 b --manifest $Q5 --label q05-bs16-fp8-cg-vs-plain --set training.fp8=true --modes product,plain --cudagraphs
+# 2026-11-28 (eleventh session): training.fp8 now compiles the blocks with CUDA graphs (speed.use_cudagraphs, with
+# bf16 weights on CUDA), and the plain loop does the same; the product's own path, no experiment flag
+b --manifest $Q5 --label q05-bs16-fp8-graphs-vs-plain --set training.fp8=true --modes product,plain,plain-clip --steps 40 --rounds 5
+b --manifest $Q15 --label q15-bs16-fp8-graphs-vs-plain --set search.space.batch_size=16 --set training.fp8=true --modes product,plain,plain-clip --steps 20 --rounds 5
+b --manifest $Q5 --label q05-bs64-fp8-graphs --set search.space.batch_size=64 --set training.fp8=true --modes product
+b --manifest $Q15 --label q15-bs64-fp8-graphs --set search.space.batch_size=64 --set training.fp8=true --modes product --steps 6

@@ -201,7 +201,7 @@ def main(argv=None):
                 device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", torch=torch.__version__,
                 **({"sdpa": a.sdpa} if a.sdpa else {}), **({"pure_bf16": True} if a.pure_bf16 else {}),
                 **({"fp8_only": a.fp8_only} if a.fp8_only else {}),
-                fast_blocks=st.fast_blocks, **({"autotune": True} if a.autotune else {}),
+                fast_blocks=st.fast_blocks, cudagraphs_product=st.cudagraphs, **({"autotune": True} if a.autotune else {}),
                 **({"cudagraphs": True} if a.cudagraphs else {}))
     first = next(iter(p.train_loader(0)))
     units_per_batch = speed.batch_units(first)[1]
@@ -236,14 +236,16 @@ def main(argv=None):
             model = fam.build_model(m["model"], splits, hp)
         # training.fast_blocks and training.fp8: the same blocks in the plain loop as in the product
         speed.transform_blocks(fam, model, dev, fast_blocks=bool(st.fast_blocks), fp8=bool(st.fp8))
-        if st.compiled:
-            speed.compile_blocks(model)
+        if st.compiled:  # CUDA graphs where the product has them (training.fp8 with bf16 weights on CUDA)
+            speed.compile_blocks(model, cudagraphs=st.cudagraphs)
         model.to(dev)
         opt = torch.optim.AdamW(model.parameters(), lr=hp.lr, fused=dev.type == "cuda" or None)
         bf16 = resolve_precision(m["training"]["precision"], dev.type == "cuda", fam.info) == "bf16-mixed"
         clip = float(p.stepper.grad_clip or 1.0)
 
         def plain_step(clip_too=False):
+            if st.cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = fam.loss(model, first, hp)
             loss.backward()

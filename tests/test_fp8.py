@@ -216,31 +216,57 @@ def test_fp8_packing_probe_and_compiled_step_on_cuda():
 
 
 @_FP8_GPU
-def test_fp8_trial_with_cuda_graphs_on_cuda(tmp_path):
-    """On the GPU a compiled FP8 trial replays its blocks as CUDA graphs (``speed.use_cudagraphs``): a real trial
-    (training with a last partial batch, evaluation, checkpoints) learns as the same trial without them does,
-    and a restart resumes. A compiled trial without FP8 keeps plain launches."""
+@pytest.mark.parametrize("micro", [None, 8])
+def test_fp8_steps_with_cuda_graphs_equal_steps_without_on_cuda(monkeypatch, micro):
+    """On the GPU a compiled FP8 step with bf16 weights replays its blocks as CUDA graphs
+    (``speed.use_cudagraphs``), and computes what the same step without them does: the fp32 masters after
+    three steps agree, with the whole batch in one forward and with 8-row micro-batches (gradients
+    accumulated over 3 parts: a CUDA graph's outputs are overwritten by its next replay,
+    pytorch/pytorch#169545). Without bf16 weights, or without FP8, the blocks keep plain launches."""
     from trainables import speed
 
-    hp = {"lr": 3e-3, "batch_size": 24}  # the training split is no multiple of 24: a smaller last batch
-    gpu = ["resources.gpus=1", "training.compile=true"]
-    p = speed.prepare(hp, TrialSpec(manifest=_m(1, gpu + ["training.fp8=true"])), None)
-    assert p.stepper.cudagraphs and p.stepper.fp8 > 0
-    assert not speed.prepare(hp, TrialSpec(manifest=_m(1, gpu)), None).stepper.cudagraphs
+    hp = {"lr": 3e-3, "batch_size": 24}
+    over = ["resources.gpus=1", "training.compile=true", "training.fp8=true",
+            *([f"training.micro_batch={micro}"] if micro else [])]
+    orig = speed.use_cudagraphs
+    masters = {}
+    for graphs in (True, False):
+        monkeypatch.setattr(speed, "use_cudagraphs", orig if graphs else (lambda **kw: False))
+        p = speed.prepare(hp, TrialSpec(manifest=_m(1, over)), None)
+        assert p.stepper.cudagraphs is graphs and p.stepper.fp8 > 0 and p.stepper.master is not None
+        start = [w.detach().float().cpu().clone() for w in p.stepper.master.masters]
+        batches = list(p.train_loader(0))
+        assert [speed.batch_units(b)[0] for b, _ in p.stepper.parts(batches[0])] == ([8, 8, 8] if micro else [24])
+        losses = [float(p.stepper.step(b)) for b in [*batches, batches[0]]]
+        assert all(v == v for v in losses)
+        masters[graphs] = [w.detach().float().cpu().clone() for w in p.stepper.master.masters]
+    monkeypatch.setattr(speed, "use_cudagraphs", orig)
+    assert max(_rel(a, b) for a, b in zip(masters[True], masters[False])) < 1e-3
+    assert min(_rel(a, b) for a, b in zip(masters[True], start)) > 1e-4  # the steps did move every weight
+    for off in (["training.fp8=true", "training.bf16_weights=false"], []):
+        p = speed.prepare(hp, TrialSpec(manifest=_m(1, ["resources.gpus=1", "training.compile=true", *off])), None)
+        assert not p.stepper.cudagraphs
+
+
+@_FP8_GPU
+def test_fp8_trial_with_cuda_graphs_on_cuda(tmp_path, monkeypatch):
+    """A real compiled FP8 trial on the GPU with CUDA graphs (the memory try of ``micro_batch: auto``, training,
+    evaluation, checkpoints) learns as the same trial without them does, and a restart resumes."""
+    from trainables import speed
+
+    hp = {"lr": 3e-3, "batch_size": 24}
+    gpu = ["resources.gpus=1", "training.compile=true", "training.fp8=true"]
+    orig = speed.use_cudagraphs
     reports = {}
     for graphs in (True, False):
+        monkeypatch.setattr(speed, "use_cudagraphs", orig if graphs else (lambda **kw: False))
         rep = ListReporter(str(tmp_path / f"graphs-{graphs}"))
-        orig = speed.use_cudagraphs
-        speed.use_cudagraphs = (lambda **kw: orig(**kw)) if graphs else (lambda **kw: False)
-        try:
-            train_loop(hp, TrialSpec(manifest=_m(2, gpu + ["training.fp8=true"])), rep)
-            if graphs:
-                train_loop(hp, TrialSpec(manifest=_m(3, gpu + ["training.fp8=true"])), rep)
-        finally:
-            speed.use_cudagraphs = orig
+        train_loop(hp, TrialSpec(manifest=_m(2, gpu)), rep)
+        if graphs:
+            train_loop(hp, TrialSpec(manifest=_m(3, gpu)), rep)
         reports[graphs] = rep
     on, off = reports[True].reports, reports[False].reports
     assert [r["epoch"] for r in on] == [1, 2, 3] and os.path.isdir(reports[True].checkpoints[-1])
     for key in ("train_loss", "val_loss"):
         got, want = [r[key] for r in on[:2]], [r[key] for r in off]
-        assert all(v == v for v in got) and got == pytest.approx(want, rel=0.02), key
+        assert all(v == v for v in got) and got == pytest.approx(want, rel=0.01), key

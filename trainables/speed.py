@@ -122,16 +122,26 @@ def compile_blocks(model: nn.Module, *, hooks_outside: bool = False, cudagraphs:
     return len(blocks)
 
 
-def use_cudagraphs(*, fp8_layers: int, compile_: bool, device: torch.device) -> bool:
+def use_cudagraphs(*, fp8_layers: int, compile_: bool, device: torch.device, bf16_weights: bool) -> bool:
     """Whether the compiled blocks replay as CUDA graphs: with ``training.fp8`` (which runs only in one process
-    of the fast path), compiled, on CUDA. FP8's per-tensor scaling adds an amax and a cast kernel for each
-    operand of each linear layer (Qwen2.5-0.5B bs 16: 2,645 kernels a step against 1,421), and at small
-    steps the host could not launch them as fast as the GPU ran them: the step was host-bound and its time
-    moved with the host's (H100, 2026-11-28: product 120.8 ms in rounds of 113–129 ms against 110.7 ms for the
-    plain loop; with CUDA graphs 90.1 against 90.6 ms, rounds within 0.5 %, and faster than bf16's 97.5 ms).
-    Without FP8 the step is GPU-bound and CUDA graphs changed nothing (97.0 against 97.5 ms), so they stay off
-    there (docs/gpu.md)."""
-    return bool(fp8_layers) and compile_ and device.type == "cuda"
+    of the fast path), compiled, on CUDA, with ``training.bf16_weights`` on (the default there).
+
+    Why FP8: its per-tensor scaling adds an amax and a cast kernel for each operand of each linear layer
+    (Qwen2.5-0.5B bs 16: 2,645 kernels a step against 1,421), and at small steps the host could not launch
+    them as fast as the GPU ran them: the step was host-bound and its time moved with the host's (H100,
+    2026-11-28: product 120.8 ms in rounds of 113-129 ms against 110.7 ms for the plain loop; with CUDA graphs
+    90.1 against 90.6 ms, rounds within 0.5 %, and faster than bf16's 97.5 ms). Without FP8 the step is
+    GPU-bound and CUDA graphs changed nothing (97.0 against 97.5 ms), so they stay off there (docs/gpu.md).
+
+    Why bf16 weights: a CUDA graph's outputs live in memory its next replay overwrites. A weight gradient
+    that autograd installs as ``.grad`` straight from the backward graph's output is such an output, so
+    with micro-batches (gradient accumulation) the next micro-batch's replay would overwrite the first one's
+    gradients (pytorch/pytorch#169545; silently wrong sums in some versions). With bf16 weights each block's
+    gradients are added into fp32 buffers as soon as the block's backward is done and ``.grad`` dropped
+    (``MasterWeights``), so no graph output outlives its micro-batch, and ``Stepper`` starts a new graph
+    iteration (``cudagraph_mark_step_begin``) before each micro-batch's forward, each memory try's and each
+    evaluation batch's."""
+    return bool(fp8_layers) and compile_ and device.type == "cuda" and bf16_weights
 
 
 # ------------------------------------------------------------------------------------ data path
@@ -844,9 +854,11 @@ class Stepper:
         self.stage = int(self.ds.get("stage", 2)) if strategy == "deepspeed" else None
         self.fast_blocks, self.fp8 = transform_blocks(family, model, device, fast_blocks=fast_blocks, fp8=fp8,
                                                       strategy=strategy, world=world, stage=self.stage)
-        self.cudagraphs = use_cudagraphs(fp8_layers=self.fp8, compile_=bool(compile_), device=device)
-        self.compiled = compile_blocks(model, hooks_outside=self.fsdp, cudagraphs=self.cudagraphs) if compile_ else 0
         on_cuda = device.type == "cuda"
+        masters = uses_bf16_weights(bf16_weights, on_cuda=on_cuda, strategy=strategy, world=world, precision=precision)
+        self.cudagraphs = use_cudagraphs(fp8_layers=self.fp8, compile_=bool(compile_), device=device,
+                                         bf16_weights=masters)
+        self.compiled = compile_blocks(model, hooks_outside=self.fsdp, cudagraphs=self.cudagraphs) if compile_ else 0
         self.engine = None
         self.reducer: BlockAllReduce | None = None
         ddp_spec = DDPSpec(**(ddp or {}))  # the manifest's defaults for a caller that passes none
@@ -859,7 +871,7 @@ class Stepper:
             spec = FSDPSpec(**(fsdp or {}))
             self.fsdp_units = shard_fsdp(self.loss_mod, model, self.bf16, spec.blocks_per_unit, spec.fp32_root)
         self.master: MasterWeights | None = None
-        if uses_bf16_weights(bf16_weights, on_cuda=on_cuda, strategy=strategy, world=world, precision=precision):
+        if masters:
             self.loss_mod.to(device)  # the masters stay where the weights are now
             self.master = MasterWeights(model)
             log.info("bf16 weights, fp32 masters in the optimizer (training.bf16_weights)")
@@ -1012,10 +1024,6 @@ class Stepper:
 
     def _step(self, batch) -> torch.Tensor:
         self._updating = False  # True from the clip on: an error then is not the forward's or backward's
-        if self.cudagraphs:
-            # a new iteration for the CUDA graph trees: the last step's graph outputs may be overwritten now
-            # (nothing of them is kept: losses are taken outside the blocks, gradients were applied)
-            torch.compiler.cudagraph_mark_step_begin()
         parts = self.parts(batch)
         last_i = len(parts) - 1
         total = None
@@ -1033,6 +1041,7 @@ class Stepper:
                 self.master.begin()
             for i, (b, w) in enumerate(parts):
                 last = i == last_i
+                self._graph_iteration()
                 with self._no_sync(last) if last_i else contextlib.nullcontext():
                     with self.autocast:
                         loss = self.fwd(b)
@@ -1060,6 +1069,14 @@ class Stepper:
             self.opt.zero_grad(set_to_none=True)
         self.sched.step()
         return total
+
+    def _graph_iteration(self) -> None:
+        """With CUDA graphs (``use_cudagraphs``): a new iteration for PyTorch's CUDA graph trees before a
+        forward, so its replays may overwrite the previous forward's and backward's graph outputs. Nothing of
+        those is held by then: losses and predictions are computed outside the blocks, and the gradients
+        were taken into the fp32 buffers block by block (``MasterWeights``)."""
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
 
     def fit_micro_batch(self, batch, budget_bytes: int | None = None) -> tuple[int, list[str]]:
         """``training.micro_batch: auto``: the largest micro-batch (a divisor of the batch's rows, from the
@@ -1092,6 +1109,7 @@ class Stepper:
             if self.master is not None:  # gradients taken into fp32 block by block, as in a step
                 self.master.begin()
                 self.master.arm()
+            self._graph_iteration()
             with self.autocast:
                 loss = self.fwd(b)
             loss.backward()
@@ -1122,6 +1140,7 @@ class Stepper:
             self.loss_mod.unshard()
         try:
             for batch in loader:
+                self._graph_iteration()
                 with self.autocast:
                     outs.append(self.family.eval_batch(m, self.loss_mod.cast(batch)))
         finally:
