@@ -87,3 +87,7 @@ b --manifest $Q5 --label q05-bs16-fp8-graphs-vs-plain --set training.fp8=true --
 b --manifest $Q15 --label q15-bs16-fp8-graphs-vs-plain --set search.space.batch_size=16 --set training.fp8=true --modes product,plain,plain-clip --steps 20 --rounds 5
 b --manifest $Q5 --label q05-bs64-fp8-graphs --set search.space.batch_size=64 --set training.fp8=true --modes product
 b --manifest $Q15 --label q15-bs64-fp8-graphs --set search.space.batch_size=64 --set training.fp8=true --modes product --steps 6
+# the same product step with and without the CUDA graphs (--no-cudagraphs), each its own process: time and peak memory
+b --manifest $Q5 --label q05-bs16-fp8-graphs --set training.fp8=true --modes product --steps 20 --rounds 5
+b --manifest $Q5 --label q05-bs16-fp8-nographs --set training.fp8=true --modes product --steps 20 --rounds 5 --no-cudagraphs
+b --manifest $Q15 --label q15-bs64-fp8-nographs --set search.space.batch_size=64 --set training.fp8=true --modes product --steps 6 --no-cudagraphs

@@ -158,6 +158,9 @@ def main(argv=None):
     ap.add_argument("--cudagraphs", action="store_true",
                     help="experiment: Inductor's CUDA graphs for the compiled blocks (what mode='reduce-overhead' "
                          "turns on): one launch per block graph instead of one per kernel")
+    ap.add_argument("--no-cudagraphs", action="store_true",
+                    help="experiment, an A/B: the product (and the plain loop) without the CUDA graphs that "
+                         "training.fp8 turns on (speed.use_cudagraphs)")
     ap.add_argument("--label", default="")
     ap.add_argument("--out", default=None, help="append JSON lines here")
     a = ap.parse_args(argv)
@@ -182,6 +185,8 @@ def main(argv=None):
     if a.autotune:
         ic.max_autotune_gemm = True
         ic.max_autotune_gemm_backends = "ATEN,TRITON"
+    if a.no_cudagraphs:
+        speed.use_cudagraphs = lambda **kw: False
     p = speed.prepare(config, spec, None)
     if a.fp8_only:
         from trainables.fp8 import Float8Linear
@@ -276,7 +281,11 @@ def main(argv=None):
         # peak memory: the product's alone (measured before the plain model existed); the plain modes' would
         # count both models, so it is left out
         emit(k, v[len(v) // 2], {"rounds_ms": [round(x * 1e3, 2) for x in samples[k]],
-                                 "peak_mem_gb": peak_product if k == "product" else None})
+                                 "peak_mem_gb": peak_product if k == "product" else None,
+                                 # the product's peak over all its timed steps as well (CUDA graphs record on
+                                 # the second step): only where no other model shares the process
+                                 **({"peak_mem_all_steps_gb": round(torch.cuda.max_memory_allocated(dev) / 1e9, 2)}
+                                    if k == "product" and timed == ["product"] and dev.type == "cuda" else {})})
     if "loader" in modes:
         def run_loader():
             n = 0

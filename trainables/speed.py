@@ -859,6 +859,9 @@ class Stepper:
         self.cudagraphs = use_cudagraphs(fp8_layers=self.fp8, compile_=bool(compile_), device=device,
                                          bf16_weights=masters)
         self.compiled = compile_blocks(model, hooks_outside=self.fsdp, cudagraphs=self.cudagraphs) if compile_ else 0
+        if self.cudagraphs:
+            log.info("CUDA graphs for the %d compiled blocks (training.fp8 with bf16 weights on CUDA: the FP8 casts' "
+                     "launches would hold the step back)", self.compiled)
         self.engine = None
         self.reducer: BlockAllReduce | None = None
         ddp_spec = DDPSpec(**(ddp or {}))  # the manifest's defaults for a caller that passes none
