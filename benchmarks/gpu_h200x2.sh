@@ -7,7 +7,9 @@
 # ROWS picks the 2-GPU rows (default "ddp zero2"; ddp = PyTorch's DDP with its 25 MB buckets, ddp-bN = N MB buckets,
 # ddp-b200-bf16, ddp-blocks (training.ddp.impl: blocks), zero2, zero3, zero3-pf (ZeRO-3 with larger prefetch and
 # persistence settings), fsdp (training.strategy: fsdp, ZeRO-3 sharding with FSDP2; fsdp-uN: N blocks per FSDP unit), q7zero2, q7zero3, q7fsdp; a suffix -ncN on a ddp row sets NCCL_MAX_NCHANNELS=N for it);
-# T the per-row timeout (s). NO_ONE=1 skips the 1-GPU rows; ONE=compiled runs only the compiled 1-GPU timing
+# ddp-blocks-fp8 (training.fp8 on the blocks reducer's workers, with bf16 weights), ddp-blocks-nobf16w (bf16 weights off);
+# T the per-row timeout (s). NO_ONE=1 skips the 1-GPU rows; ONE=best: product only, the default settings on GPU 0 and
+# training.fp8 on GPU 1 at once; ONE=compiled runs only the compiled 1-GPU timing
 # (product and plain), on both GPUs at once, without the profiles (the best-1-GPU figure, measured on the same
 # machine as the 2-GPU rows that follow it).
 # SMOKE=1: CPU, tiny shapes (do not run it beside other Ray work here: each row ends with `ray stop --force`).
@@ -22,7 +24,17 @@ Q15=search_spaces/qwen2.5-1.5b_regression_gpu.yaml; Q15X2=search_spaces/qwen2.5-
 Q7=search_spaces/qwen2.5-7b_regression_gpu.yaml
 clean() { python3 -m ray.scripts.scripts stop --force > /dev/null 2>&1; pkill -9 -f RayTrainWorker > /dev/null 2>&1; sleep 2; }
 t0=$(date +%s)
-if [ "${ONE:-}" = compiled ]; then
+if [ "${ONE:-}" = best ]; then
+  # the best one-GPU product figures, both GPUs at once, product only: the default settings (GPU 0) and with
+  # training.fp8 (GPU 1), which item 3's 2-GPU rows ddp-blocks and ddp-blocks-fp8 are compared with
+  CUDA_VISIBLE_DEVICES=0 timeout -k 5 ${T1:-130} python3 benchmarks/step_bench.py --manifest $Q15 --label q15-compiled-gpu0 \
+    --modes product --rounds 3 --out $O/steps.jsonl "${SM[@]}" > $O/q15-compiled-gpu0.log 2>&1 &
+  CUDA_VISIBLE_DEVICES=1 timeout -k 5 ${T1:-130} python3 benchmarks/step_bench.py --manifest $Q15 --label q15-fp8-gpu1 \
+    --set training.fp8=true --set training.strategy=plain --modes product --rounds 3 --out $O/steps.jsonl "${SM[@]}" > $O/q15-fp8-gpu1.log 2>&1 &
+  wait
+  grep -h '^{' $O/q15-compiled-gpu0.log $O/q15-fp8-gpu1.log | tee -a $O/scaling.log
+  echo "one-GPU rows done at +$(( $(date +%s) - t0 )) s" | tee -a $O/scaling.log
+elif [ "${ONE:-}" = compiled ]; then
   for g in 0 1; do
     CUDA_VISIBLE_DEVICES=$g timeout -k 5 ${T1:-130} python3 benchmarks/step_bench.py --manifest $Q15 --label q15-compiled-gpu$g \
       --modes product,plain --rounds 3 --out $O/steps.jsonl "${SM[@]}" > $O/q15-compiled-gpu$g.log 2>&1 &
@@ -60,6 +72,8 @@ for r0 in ${ROWS:-ddp zero2}; do
   case $r in
     ddp) s q15-ddp$sfx --manifest $Q15X2 --set training.strategy=ddp --set training.ddp.impl=torch --set training.ddp.bucket_cap_mb=25 ;;
     ddp-blocks) s q15-ddp-blocks$sfx --manifest $Q15X2 --set training.strategy=ddp --set training.ddp.impl=blocks ;;
+    ddp-blocks-fp8) s q15-ddp-blocks-fp8$sfx --manifest $Q15X2 --set training.strategy=ddp --set training.ddp.impl=blocks --set training.fp8=true ;;
+    ddp-blocks-nobf16w) s q15-ddp-blocks-nobf16w$sfx --manifest $Q15X2 --set training.strategy=ddp --set training.ddp.impl=blocks --set training.bf16_weights=false ;;
     ddp-bf16) s q15-ddp-bf16$sfx --manifest $Q15X2 --set training.strategy=ddp --set training.ddp.impl=torch --set training.ddp.comm_hook=bf16 ;;
     ddp-b200-bf16) s q15-ddp-b200-bf16$sfx --manifest $Q15X2 --set training.strategy=ddp --set training.ddp.impl=torch --set training.ddp.bucket_cap_mb=200 --set training.ddp.comm_hook=bf16 ;;
     ddp-b[0-9]*) s q15-$r$sfx --manifest $Q15X2 --set training.strategy=ddp --set training.ddp.impl=torch --set training.ddp.bucket_cap_mb=${r#ddp-b} ;;

@@ -612,14 +612,19 @@ def _pydantic_problems(err: ValidationError) -> list[str]:
 
 
 def _not_one_fast_process(tr, res) -> str | None:
-    """What a manifest's trials run where that is not one process of the fast path's plain step (what
-    ``training.bf16_weights`` and ``training.fp8`` need; ``trainables.speed.one_fast_process`` at run time),
-    else None."""
+    """What a manifest's trials run where that is not the fast path's own step in each process (one process,
+    or the workers of ``strategy: ddp`` with ``ddp.impl: blocks``: what ``training.bf16_weights`` and
+    ``training.fp8`` need; ``trainables.speed.one_fast_process`` at run time), else None."""
     if tr.strategy == "lightning" or (tr.strategy == "auto" and res.gpus == 0):
         return "the Lightning loop"
+    if tr.strategy == "deepspeed":
+        return "DeepSpeed"
     if res.workers > 1:
-        return f"{res.workers} workers"
-    return "DeepSpeed" if tr.strategy == "deepspeed" else None
+        if tr.strategy == "ddp" and (tr.ddp is None or tr.ddp.impl == "blocks"):
+            return None
+        what = {"ddp": "PyTorch's DDP wrapper (ddp.impl torch)", "fsdp": "FSDP"}.get(tr.strategy, "DeepSpeed")
+        return f"{res.workers} workers under {what}"
+    return None
 
 
 def _semantic_problems(m) -> list[str]:
@@ -852,13 +857,15 @@ class Loaded:
 
 
 # Why ``training.bf16_weights: true`` is refused where it is (the schema check and trainables.speed say it alike)
-BF16_WEIGHTS_NEEDS = ("true needs bf16 precision on one process of the fast path (DeepSpeed's bf16 engine and FSDP "
-                      "already keep bf16 weights with fp32 masters)")
+BF16_WEIGHTS_NEEDS = ("true needs bf16 precision on the fast path's own step (one process, or the workers of "
+                      "strategy ddp with ddp.impl blocks; DeepSpeed's bf16 engine and FSDP already keep bf16 weights "
+                      "with fp32 masters)")
 
 
 # Where ``training.fp8: true`` runs (the schema check and trainables.speed.use_fp8 say it alike)
-FP8_NEEDS = ("true needs one process of the fast path (a GPU trial, or strategy plain; not the Lightning loop, "
-             "DeepSpeed or several workers, where FP8 is not tested)")
+FP8_NEEDS = ("true needs the fast path's own step (a one-worker GPU trial, strategy plain, or the workers of "
+             "strategy ddp with ddp.impl blocks; not the Lightning loop, DeepSpeed, FSDP or PyTorch's DDP wrapper, "
+             "where FP8 is not tested)")
 
 
 # Settings added after sweeps were already being run, with the default that behaves as before they existed.

@@ -201,9 +201,14 @@ def test_bf16_weights_setting_is_checked():
     for bad, why in ((["training.strategy=plain", "training.precision=fp32"], "precision fp32"),
                      ([], "the Lightning loop"),
                      (["training.strategy=deepspeed"], "DeepSpeed"),
-                     (["training.strategy=ddp", "resources.gpus=1", "resources.workers=2"], "2 workers")):
+                     (["training.strategy=ddp", "training.ddp.impl=torch", "resources.gpus=1", "resources.workers=2"],
+                      r"2 workers under PyTorch's DDP wrapper \(ddp.impl torch\)"),
+                     (["training.strategy=fsdp", "resources.gpus=1", "resources.workers=2"], "2 workers under FSDP")):
         with pytest.raises(UserError, match=rf"`training.bf16_weights`: true needs bf16 .* run {why}"):
             resolved(TINY_QWEN, bad + ["training.bf16_weights=true"])
+    # the workers of strategy ddp with the blocks reducer (the default impl) run the fast path's own step
+    two = ["training.strategy=ddp", "resources.gpus=1", "resources.workers=2", "training.bf16_weights=true"]
+    assert resolved(TINY_QWEN, two)["training"]["bf16_weights"] is True
     with pytest.raises(UserError, match="`training.bf16_weights`"):
         resolved(TINY_QWEN, ["training.bf16_weights=sometimes"])
     with pytest.raises(UserError, match="training.bf16_weights: true needs bf16 precision"):
@@ -239,13 +244,16 @@ def test_where_bf16_weights_apply():
     from sweeper.errors import UserError
     from trainables.speed import uses_bf16_weights
 
-    def uses(knob, cuda=True, strategy="plain", world=1, precision="bf16-mixed"):
-        return uses_bf16_weights(knob, on_cuda=cuda, strategy=strategy, world=world, precision=precision)
+    def uses(knob, cuda=True, strategy="plain", world=1, precision="bf16-mixed", ddp_impl="blocks"):
+        return uses_bf16_weights(knob, on_cuda=cuda, strategy=strategy, world=world, precision=precision,
+                                 ddp_impl=ddp_impl)
 
     assert uses("auto") and uses(True) and uses(True, cuda=False)
     assert not uses("auto", cuda=False) and not uses(False)
     assert uses("auto", strategy="ddp") and uses("auto", strategy="fsdp")  # one worker runs the plain step
-    for off in ({"strategy": "ddp", "world": 2}, {"strategy": "fsdp", "world": 2}, {"strategy": "deepspeed"},
+    assert uses("auto", strategy="ddp", world=2)  # the blocks reducer's workers run it too
+    for off in ({"strategy": "ddp", "world": 2, "ddp_impl": "torch"}, {"strategy": "fsdp", "world": 2},
+                {"strategy": "deepspeed"},
                 {"strategy": "lightning"}, {"precision": "32-true"}, {"precision": "16-mixed"}):
         assert not uses("auto", **off), off
         with pytest.raises(UserError, match="training.bf16_weights: true needs bf16 precision"):

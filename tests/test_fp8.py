@@ -167,7 +167,7 @@ def test_fp8_trial_learns_checkpoints_and_resumes(tmp_path):
 
 def test_fp8_setting_is_checked():
     """Off by default (a sweep's identity is as before the setting existed); where it does not run (the Lightning
-    loop, DeepSpeed, several workers) refused by the schema check and by the trial, naming the field; a device
+    loop, DeepSpeed, FSDP or PyTorch's DDP wrapper over several workers) refused by the schema check and by the trial, naming the field; a device
     that cannot multiply in FP8 refused at the start of the trial."""
     from sweeper import manifest as mf
     from sweeper.errors import UserError
@@ -179,11 +179,21 @@ def test_fp8_setting_is_checked():
     for bad, why in (([], "the Lightning loop"),
                      (["training.strategy=lightning", "resources.gpus=1"], "the Lightning loop"),
                      (["training.strategy=deepspeed"], "DeepSpeed"),
-                     (["training.strategy=ddp", "resources.gpus=1", "resources.workers=2"], "2 workers")):
-        with pytest.raises(UserError, match=rf"`training.fp8`: true needs one process of the fast path.* run {why}"):
+                     (["training.strategy=ddp", "training.ddp.impl=torch", "resources.gpus=1", "resources.workers=2"],
+                      r"2 workers under PyTorch's DDP wrapper \(ddp.impl torch\)"),
+                     (["training.strategy=fsdp", "resources.gpus=1", "resources.workers=2"], "2 workers under FSDP")):
+        with pytest.raises(UserError, match=rf"`training.fp8`: true needs the fast path's own step.* run {why}"):
             resolved(TINY_QWEN, bad + ["training.fp8=true"])
-    with pytest.raises(UserError, match="training.fp8: true needs one process .* strategy ddp, 2 worker"):
-        use_fp8(True, nn.Sequential(nn.Linear(16, 16)), torch.device("cpu"), strategy="ddp", world=2)
+    with pytest.raises(UserError, match=r"training.fp8: true needs the fast path's own step .* strategy ddp \(ddp.impl "
+                                        r"torch\), 2 worker"):
+        use_fp8(True, nn.Sequential(nn.Linear(16, 16)), torch.device("cpu"), strategy="ddp", world=2, ddp_impl="torch")
+    with pytest.raises(UserError, match=r"training.fp8: true needs the fast path's own step .* strategy fsdp, 2 worker"):
+        use_fp8(True, nn.Sequential(nn.Linear(16, 16)), torch.device("cpu"), strategy="fsdp", world=2)
+    # the workers of strategy ddp with the blocks reducer (the default impl) run the fast path's own step
+    assert resolved(TINY_QWEN, ["training.strategy=ddp", "resources.gpus=1", "resources.workers=2",
+                                "training.fp8=true"])["training"]["fp8"] is True
+    assert use_fp8(True, nn.ModuleList([nn.Linear(16, 16), nn.Linear(16, 16)]), torch.device("cpu"),
+                   strategy="ddp", world=2) == 2
     with pytest.raises(UserError, match="`training.fp8`"):
         resolved(TINY_QWEN, ["training.strategy=plain", "training.fp8=maybe"])
     assert fp8.fp8_ready(torch.device("cpu")) is None

@@ -122,9 +122,11 @@ def compile_blocks(model: nn.Module, *, hooks_outside: bool = False, cudagraphs:
     return len(blocks)
 
 
-def use_cudagraphs(*, fp8_layers: int, compile_: bool, device: torch.device, bf16_weights: bool) -> bool:
-    """Whether the compiled blocks replay as CUDA graphs: with ``training.fp8`` (which runs only in one process
-    of the fast path), compiled, on CUDA, with ``training.bf16_weights`` on (the default there).
+def use_cudagraphs(*, fp8_layers: int, compile_: bool, device: torch.device, bf16_weights: bool,
+                   world: int = 1) -> bool:
+    """Whether the compiled blocks replay as CUDA graphs: with ``training.fp8``, compiled, on CUDA, with
+    ``training.bf16_weights`` on (the default there), in a one-process trial (under data parallelism they
+    are neither tested nor measured on GPUs yet).
 
     Why FP8: its per-tensor scaling adds an amax and a cast kernel for each operand of each linear layer
     (Qwen2.5-0.5B bs 16: 2,645 kernels a step against 1,421), and at small steps the host could not launch
@@ -141,7 +143,7 @@ def use_cudagraphs(*, fp8_layers: int, compile_: bool, device: torch.device, bf1
     (``MasterWeights``), so no graph output outlives its micro-batch, and ``Stepper`` starts a new graph
     iteration (``cudagraph_mark_step_begin``) before each micro-batch's forward, each memory try's and each
     evaluation batch's."""
-    return bool(fp8_layers) and compile_ and device.type == "cuda" and bf16_weights
+    return bool(fp8_layers) and compile_ and device.type == "cuda" and bf16_weights and world == 1
 
 
 # ------------------------------------------------------------------------------------ data path
@@ -502,18 +504,32 @@ class BlockAllReduce:
     Every rank issues its reductions in the order its blocks complete, which is the same on every
     rank for the same model and batch shapes (the property DDP's ``static_graph`` also assumes). A
     block with a parameter left without a gradient is reduced in ``finish()`` with zeros in its place.
-    NCCL averages (``ReduceOp.AVG``); gloo, which has no AVG, sums and divides."""
+    NCCL averages (``ReduceOp.AVG``); gloo, which has no AVG, sums and divides.
 
-    def __init__(self, named_params: list[tuple[str, nn.Parameter]], module: nn.Module, world: int):
+    With ``master`` (``training.bf16_weights``) the model's weights are bf16 and their gradients are
+    taken block by block into fp32 buffers (``MasterWeights``, whose hooks were registered before these,
+    so a block is in its buffers when these hooks see it done): the buffers are what is averaged, in
+    fp32 as without bf16 weights, after the last micro-batch has been added in. The masters are
+    broadcast from rank 0 as well, and the bf16 weights rounded from them."""
+
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]], module: nn.Module, world: int,
+                 master: "MasterWeights | None" = None):
         import torch.distributed as dist
         from torch.distributed.distributed_c10d import _coalescing_manager
 
         self.hooks = BlockHooks(named_params, self._reduce)
         self.groups = self.hooks.groups
         self.dist, self.world, self.coalesced = dist, world, _coalescing_manager
+        self.master = master
+        self.grad_of = master.grad_of if master is not None else (lambda q: q.grad)
         self.avg = dist.get_backend() == "nccl"
         self.op = dist.ReduceOp.AVG if self.avg else dist.ReduceOp.SUM
         broadcast_from_rank0(module)
+        if master is not None:
+            with torch.no_grad():
+                for m in master.masters:
+                    dist.broadcast(m.data, src=0)
+                torch._foreach_copy_(master.work, master.masters)
         self.done = [False] * len(self.groups)
         self.pending: list = []
 
@@ -525,7 +541,7 @@ class BlockAllReduce:
     def _reduce(self, gi: int) -> None:
         with self.coalesced(async_ops=True) as cm:
             for q in self.groups[gi]:
-                self.dist.all_reduce(q.grad, op=self.op)
+                self.dist.all_reduce(self.grad_of(q), op=self.op)
         self.pending.append(cm)
         self.done[gi] = True
 
@@ -534,16 +550,19 @@ class BlockAllReduce:
         stream waits; the host does not), and average where the backend only sums."""
         self.hooks.armed = False
         for gi, g in enumerate(self.groups):
-            if not self.done[gi]:
+            if not self.done[gi]:  # (with bf16 weights, ``MasterWeights.flush`` has taken this block already)
                 for q in g:
-                    if q.grad is None:
-                        q.grad = torch.zeros_like(q)
+                    if self.grad_of(q) is None:
+                        if self.master is not None:
+                            self.master.zero_grad_of(q)
+                        else:
+                            q.grad = torch.zeros_like(q)
                 self._reduce(gi)
         for cm in self.pending:
             cm.wait()
         self.pending = []
         if not self.avg and self.world > 1:
-            torch._foreach_div_([q.grad for g in self.groups for q in g], float(self.world))
+            torch._foreach_div_([self.grad_of(q) for g in self.groups for q in g], float(self.world))
 
 
 class EarlyNorm:
@@ -700,6 +719,13 @@ class MasterWeights:
                 self.hooks.left[gi] = 0
                 self._take_block(gi)
 
+    def zero_grad_of(self, w: nn.Parameter) -> None:
+        """A zero fp32 gradient for bf16 weight ``w`` this step (a data-parallel rank whose batch gave it none
+        still takes part in the block's reduction)."""
+        i = self.index[id(w)]
+        self.buf[i] = torch.zeros_like(self.masters[i])
+        self.seen[i] = True
+
     def grad_of(self, w: nn.Parameter) -> torch.Tensor | None:
         """The fp32 gradient accumulated so far this step for bf16 weight ``w`` (EarlyNorm reads these)."""
         i = self.index.get(id(w))
@@ -722,25 +748,30 @@ class MasterWeights:
         self.buf = [None] * len(self.work)
 
 
-def one_fast_process(strategy: str, world: int) -> bool:
-    """A trial that is one process of the fast path's plain step (not the Lightning loop, DeepSpeed or several
-    workers): where ``training.bf16_weights`` and ``training.fp8`` apply. The manifest check says the same
-    before the sweep starts (``sweeper.manifest._not_one_fast_process``)."""
-    return strategy not in ("deepspeed", "lightning") and world == 1
+def one_fast_process(strategy: str, world: int, ddp_impl: str = "blocks") -> bool:
+    """A trial whose processes each run the fast path's own step on unwrapped blocks: one process (not the
+    Lightning loop or DeepSpeed), or the data-parallel workers of ``strategy: ddp`` with ``ddp.impl: blocks``
+    (``BlockAllReduce`` averages the gradients where they lie; PyTorch's DDP wrapper, FSDP and DeepSpeed
+    own the gradients themselves). Where ``training.bf16_weights`` and ``training.fp8`` apply. The manifest
+    check says the same before the sweep starts (``sweeper.manifest._not_one_fast_process``)."""
+    if strategy in ("deepspeed", "lightning"):
+        return False
+    return world == 1 or (strategy == "ddp" and ddp_impl == "blocks")
 
 
-def uses_bf16_weights(knob: Any, *, on_cuda: bool, strategy: str, world: int, precision: str) -> bool:
-    """Whether ``training.bf16_weights`` (``knob``) applies: one process on the fast path's plain step, in bf16
-    mixed precision; ``auto`` only on CUDA. ``true`` where it cannot apply is a UserError. The trial's
+def uses_bf16_weights(knob: Any, *, on_cuda: bool, strategy: str, world: int, precision: str,
+                      ddp_impl: str = "blocks") -> bool:
+    """Whether ``training.bf16_weights`` (``knob``) applies: the fast path's own step (``one_fast_process``), in
+    bf16 mixed precision; ``auto`` only on CUDA. ``true`` where it cannot apply is a UserError. The trial's
     Stepper and the packing probe (``sweeper.packing.probe_peak_bytes``) both ask here."""
-    fits = one_fast_process(strategy, world) and precision == "bf16-mixed"
+    fits = one_fast_process(strategy, world, ddp_impl) and precision == "bf16-mixed"
     if knob is True and not fits:
         from sweeper.errors import UserError
 
         from sweeper.manifest import BF16_WEIGHTS_NEEDS
 
         raise UserError(f"training.bf16_weights: {BF16_WEIGHTS_NEEDS}, but this trial runs precision {precision}, "
-                        f"strategy {strategy}, {world} worker(s)")
+                        f"strategy {strategy}{_impl(strategy, world, ddp_impl)}, {world} worker(s)")
     return fits and (knob is True or (knob == "auto" and on_cuda))
 
 
@@ -757,11 +788,18 @@ def use_fast_blocks(knob: bool, family, model: nn.Module, *, strategy: str = "pl
     return n
 
 
-def use_fp8(knob: bool, model: nn.Module, device: torch.device, *, strategy: str = "plain", world: int = 1) -> int:
+def _impl(strategy: str, world: int, ddp_impl: str) -> str:
+    return f" (ddp.impl {ddp_impl})" if strategy == "ddp" and world > 1 else ""
+
+
+def use_fp8(knob: bool, model: nn.Module, device: torch.device, *, strategy: str = "plain", world: int = 1,
+            ddp_impl: str = "blocks") -> int:
     """``training.fp8``: the repeated blocks' linear layers made ``trainables.fp8.Float8Linear`` (before the
     blocks are compiled or their weights swapped for bf16). Returns how many. A device that cannot multiply
-    in FP8, or a trial that is not one process of the fast path's plain step (several workers, DeepSpeed:
-    not tested with FP8), is a UserError naming the field. Applied through ``transform_blocks``."""
+    in FP8, or a trial that does not run the fast path's own step (``one_fast_process``: the Lightning loop,
+    DeepSpeed, FSDP or PyTorch's DDP wrapper, not tested with FP8), is a UserError naming the field. Each
+    data-parallel rank scales by its own operands' largest magnitudes (the weights, averaged and identical on
+    every rank, get the same scale everywhere). Applied through ``transform_blocks``."""
     if not knob:
         return 0
     from sweeper.errors import UserError
@@ -769,8 +807,9 @@ def use_fp8(knob: bool, model: nn.Module, device: torch.device, *, strategy: str
 
     from .fp8 import convert_blocks, fp8_ready
 
-    if not one_fast_process(strategy, world):
-        raise UserError(f"training.fp8: {FP8_NEEDS}, but this trial runs strategy {strategy}, {world} worker(s)")
+    if not one_fast_process(strategy, world, ddp_impl):
+        raise UserError(f"training.fp8: {FP8_NEEDS}, but this trial runs strategy {strategy}"
+                        f"{_impl(strategy, world, ddp_impl)}, {world} worker(s)")
     why = fp8_ready(device)
     if why:
         raise UserError(f"training.fp8: {why}")
@@ -780,13 +819,14 @@ def use_fp8(knob: bool, model: nn.Module, device: torch.device, *, strategy: str
 
 
 def transform_blocks(family, model: nn.Module, device: torch.device, *, fast_blocks: bool, fp8: bool,
-                     strategy: str = "plain", world: int = 1, stage: int | None = None) -> tuple[int, int]:
+                     strategy: str = "plain", world: int = 1, stage: int | None = None,
+                     ddp_impl: str = "blocks") -> tuple[int, int]:
     """The changes a trial makes to its blocks before compiling them, in their one order: the family's fast
     blocks, then FP8 (which takes plain ``nn.Linear`` only, so layers the fast blocks replaced stay bf16).
     Returns (blocks made fast, layers made FP8). The trial's Stepper, the packing probe and the step
     benchmark's plain loop all call this, so the three hold the same model."""
     return (use_fast_blocks(fast_blocks, family, model, strategy=strategy, stage=stage),
-            use_fp8(fp8, model, device, strategy=strategy, world=world))
+            use_fp8(fp8, model, device, strategy=strategy, world=world, ddp_impl=ddp_impl))
 
 
 def _smaller_divisor(m: int, n: int) -> int:
@@ -852,19 +892,21 @@ class Stepper:
         self.fsdp = strategy == "fsdp" and world > 1
         self.ds = ds or {}
         self.stage = int(self.ds.get("stage", 2)) if strategy == "deepspeed" else None
+        ddp_spec = DDPSpec(**(ddp or {}))  # the manifest's defaults for a caller that passes none
         self.fast_blocks, self.fp8 = transform_blocks(family, model, device, fast_blocks=fast_blocks, fp8=fp8,
-                                                      strategy=strategy, world=world, stage=self.stage)
+                                                      strategy=strategy, world=world, stage=self.stage,
+                                                      ddp_impl=ddp_spec.impl)
         on_cuda = device.type == "cuda"
-        masters = uses_bf16_weights(bf16_weights, on_cuda=on_cuda, strategy=strategy, world=world, precision=precision)
+        masters = uses_bf16_weights(bf16_weights, on_cuda=on_cuda, strategy=strategy, world=world, precision=precision,
+                                    ddp_impl=ddp_spec.impl)
         self.cudagraphs = use_cudagraphs(fp8_layers=self.fp8, compile_=bool(compile_), device=device,
-                                         bf16_weights=masters)
+                                         bf16_weights=masters, world=world)
         self.compiled = compile_blocks(model, hooks_outside=self.fsdp, cudagraphs=self.cudagraphs) if compile_ else 0
         if self.cudagraphs:
             log.info("CUDA graphs for the %d compiled blocks (training.fp8 with bf16 weights on CUDA: the FP8 casts' "
                      "launches would hold the step back)", self.compiled)
         self.engine = None
         self.reducer: BlockAllReduce | None = None
-        ddp_spec = DDPSpec(**(ddp or {}))  # the manifest's defaults for a caller that passes none
         self.loss_mod = LossModule(family, model, hp, torch.bfloat16 if (strategy == "deepspeed" and self.bf16) else None)
         offload_opt = strategy == "deepspeed" and self.ds.get("offload_optimizer")
         self.fused_opt = bool(on_cuda and not offload_opt)
@@ -893,8 +935,10 @@ class Stepper:
         elif strategy == "ddp" and world > 1 and ddp_spec.impl == "blocks":
             self.loss_mod.to(device)
             self.fwd = self.loss_mod
+            # with bf16 weights the reductions average the fp32 gradient buffers (MasterWeights' hooks, registered
+            # first, have moved a finished block's gradients there), and every rank starts from rank 0's masters
             self.reducer = BlockAllReduce([(n, p) for n, p in model.named_parameters() if p.requires_grad],
-                                          self.loss_mod, world)
+                                          self.loss_mod, world, self.master)
         elif strategy == "ddp" and world > 1:
             self.loss_mod.to(device)
             self.fwd = nn.parallel.DistributedDataParallel(
