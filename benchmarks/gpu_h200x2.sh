@@ -73,6 +73,7 @@ for r0 in ${ROWS:-ddp zero2}; do
     ddp) s q15-ddp$sfx --manifest $Q15X2 --set training.strategy=ddp --set training.ddp.impl=torch --set training.ddp.bucket_cap_mb=25 ;;
     ddp-blocks) s q15-ddp-blocks$sfx --manifest $Q15X2 --set training.strategy=ddp --set training.ddp.impl=blocks ;;
     ddp-blocks-fp8) s q15-ddp-blocks-fp8$sfx --manifest $Q15X2 --set training.strategy=ddp --set training.ddp.impl=blocks --set training.fp8=true ;;
+    ddp-blocks-fp8-nographs) s q15-ddp-blocks-fp8-nographs$sfx --manifest $Q15X2 --set training.strategy=ddp --set training.ddp.impl=blocks --set training.fp8=true --no-cudagraphs ;;
     ddp-blocks-nobf16w) s q15-ddp-blocks-nobf16w$sfx --manifest $Q15X2 --set training.strategy=ddp --set training.ddp.impl=blocks --set training.bf16_weights=false ;;
     ddp-bf16) s q15-ddp-bf16$sfx --manifest $Q15X2 --set training.strategy=ddp --set training.ddp.impl=torch --set training.ddp.comm_hook=bf16 ;;
     ddp-b200-bf16) s q15-ddp-b200-bf16$sfx --manifest $Q15X2 --set training.strategy=ddp --set training.ddp.impl=torch --set training.ddp.bucket_cap_mb=200 --set training.ddp.comm_hook=bf16 ;;

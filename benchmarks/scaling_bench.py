@@ -35,6 +35,8 @@ def worker(cfg):
     from trainables import speed
 
     m = cfg["manifest"]
+    if cfg.get("no_cudagraphs"):  # an A/B: without the CUDA graphs training.fp8 turns on
+        speed.use_cudagraphs = lambda **kw: False
     p = speed.prepare(cfg["hp"], TrialSpec(manifest=m), None, use_ray_train=True)
     dev, st = p.device, p.stepper
     batch = next(iter(p.train_loader(0)))
@@ -72,7 +74,8 @@ def worker(cfg):
                 shutil.copyfileobj(fi, fo)
             os.remove(raw)
     losses = [round(float(x), 5) for x in losses]  # the same batch each step: the curve compares numerics
-    r = dict(strategy=p.strategy, stage=st.stage, compile=bool(st.compiled), world=p.world, bs=p.hp.batch_size,
+    r = dict(strategy=p.strategy, stage=st.stage, compile=bool(st.compiled), cudagraphs=st.cudagraphs, world=p.world,
+             bs=p.hp.batch_size,
              step_ms=round(dt * 1e3, 1), units_per_s_per_gpu=round(units / dt, 1), units_per_s=round(units * p.world / dt, 1),
              mfu=round((p.flops_unit or 0) * units / dt / speed.PEAK_BF16, 4) if dev.type == "cuda" else None,
              peak_mem_gb=round(torch.cuda.max_memory_allocated(dev) / 1e9, 2) if dev.type == "cuda" else None,
@@ -95,6 +98,8 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", default=None,
                     help="path prefix: rank 0 profiles 3 more steps (<prefix>.txt table, <prefix>.trace.json.gz)")
+    ap.add_argument("--no-cudagraphs", action="store_true",
+                    help="an A/B: the workers without the CUDA graphs that training.fp8 turns on (speed.use_cudagraphs)")
     a = ap.parse_args(argv)
     import ray
     from ray.train import RunConfig, ScalingConfig
@@ -116,12 +121,13 @@ def main(argv=None):
     res = tempfile.mktemp(prefix="scaling-", suffix=".json")
     t0 = time.time()
     TorchTrainer(worker, train_loop_config=dict(manifest=m, hp=hp, steps=a.steps, warmup=a.warmup, result=res,
-                                                root=str(ROOT), profile=a.profile),
+                                                root=str(ROOT), profile=a.profile, no_cudagraphs=a.no_cudagraphs),
                  scaling_config=ScalingConfig(num_workers=a.workers, use_gpu=use_gpu,
                                               resources_per_worker={"CPU": 0.5 if a.smoke else 4, **({"GPU": 1} if use_gpu else {})}),
                  run_config=RunConfig(name="scaling", storage_path=tempfile.mkdtemp(prefix="scaling-runs-"))).fit()
     r = json.load(open(res))
-    r.update(manifest=Path(a.manifest).name, overrides=a.set, label=a.label, wall_s=round(time.time() - t0, 1))
+    r.update(manifest=Path(a.manifest).name, overrides=a.set, label=a.label, wall_s=round(time.time() - t0, 1),
+             **({"no_cudagraphs": True} if a.no_cudagraphs else {}))
     print(json.dumps(r), flush=True)
     if a.out:
         with open(a.out, "a") as fh:
