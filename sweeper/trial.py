@@ -527,6 +527,9 @@ def release_memory() -> None:
     import gc
     import sys
 
+    graphs = sys.modules.get("torch._inductor.cudagraph_trees")
+    if graphs is not None:  # CUDA graphs (training.fp8) hold a private memory pool until their trees are reset
+        graphs.reset_cudagraph_trees()
     gc.collect()
     torch = sys.modules.get("torch")  # never import torch for a trial that did not (sleep_bench)
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():

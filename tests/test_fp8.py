@@ -225,6 +225,19 @@ def test_fp8_packing_probe_and_compiled_step_on_cuda():
     assert all(map(lambda v: v == v, losses)) and losses[-1] < losses[0]
 
 
+# two decoder layers: with one, there are no repeated blocks to compile (and so no CUDA graphs)
+_TWO_LAYERS = "model.config_overrides.num_hidden_layers=2"
+
+
+def _graphs_recorded() -> int:
+    """How many compiled functions PyTorch's CUDA graph trees have recorded graphs for on this GPU (since the
+    last ``torch._dynamo.reset()``)."""
+    from torch._inductor import cudagraph_trees
+
+    mgr = cudagraph_trees.get_manager(torch.cuda.current_device(), False)
+    return 0 if mgr is None else len(mgr.roots)
+
+
 @_FP8_GPU
 @pytest.mark.parametrize("micro", [None, 8])
 def test_fp8_steps_with_cuda_graphs_equal_steps_without_on_cuda(monkeypatch, micro):
@@ -235,25 +248,33 @@ def test_fp8_steps_with_cuda_graphs_equal_steps_without_on_cuda(monkeypatch, mic
     pytorch/pytorch#169545). Without bf16 weights, or without FP8, the blocks keep plain launches."""
     from trainables import speed
 
+    from torch._dynamo.utils import counters
+
     hp = {"lr": 3e-3, "batch_size": 24}
-    over = ["resources.gpus=1", "training.compile=true", "training.fp8=true",
+    over = ["resources.gpus=1", "training.compile=true", "training.fp8=true", _TWO_LAYERS,
             *([f"training.micro_batch={micro}"] if micro else [])]
     orig = speed.use_cudagraphs
     masters = {}
     for graphs in (True, False):
+        torch._dynamo.reset()
+        counters.clear()
         monkeypatch.setattr(speed, "use_cudagraphs", orig if graphs else (lambda **kw: False))
         p = speed.prepare(hp, TrialSpec(manifest=_m(1, over)), None)
         assert p.stepper.cudagraphs is graphs and p.stepper.fp8 > 0 and p.stepper.master is not None
+        assert p.stepper.compiled == 2  # the two decoder layers, each compiled in place
         start = [w.detach().float().cpu().clone() for w in p.stepper.master.masters]
         batches = list(p.train_loader(0))
         assert [speed.batch_units(b)[0] for b, _ in p.stepper.parts(batches[0])] == ([8, 8, 8] if micro else [24])
         losses = [float(p.stepper.step(b)) for b in [*batches, batches[0]]]
         assert all(v == v for v in losses)
+        # graphs were recorded (the blocks' forward and backward) and none was skipped; none without them
+        assert (_graphs_recorded() > 0) is graphs and not counters["inductor"]["cudagraph_skips"]
         masters[graphs] = [w.detach().float().cpu().clone() for w in p.stepper.master.masters]
     monkeypatch.setattr(speed, "use_cudagraphs", orig)
     assert max(_rel(a, b) for a, b in zip(masters[True], masters[False])) < 1e-3
     assert min(_rel(a, b) for a, b in zip(masters[True], start)) > 1e-4  # the steps did move every weight
-    for off in (["training.fp8=true", "training.bf16_weights=false"], []):
+    for off in (["training.fp8=true", "training.bf16_weights=false", _TWO_LAYERS], [_TWO_LAYERS],
+                ["training.fp8=true"]):  # bf16 weights off; FP8 off; no repeated blocks to compile
         p = speed.prepare(hp, TrialSpec(manifest=_m(1, ["resources.gpus=1", "training.compile=true", *off])), None)
         assert not p.stepper.cudagraphs
 
@@ -265,13 +286,15 @@ def test_fp8_trial_with_cuda_graphs_on_cuda(tmp_path, monkeypatch):
     from trainables import speed
 
     hp = {"lr": 3e-3, "batch_size": 24}
-    gpu = ["resources.gpus=1", "training.compile=true", "training.fp8=true"]
+    gpu = ["resources.gpus=1", "training.compile=true", "training.fp8=true", _TWO_LAYERS]
     orig = speed.use_cudagraphs
     reports = {}
     for graphs in (True, False):
+        torch._dynamo.reset()
         monkeypatch.setattr(speed, "use_cudagraphs", orig if graphs else (lambda **kw: False))
         rep = ListReporter(str(tmp_path / f"graphs-{graphs}"))
         train_loop(hp, TrialSpec(manifest=_m(2, gpu)), rep)
+        assert (_graphs_recorded() > 0) is graphs
         if graphs:
             train_loop(hp, TrialSpec(manifest=_m(3, gpu)), rep)
         reports[graphs] = rep

@@ -122,9 +122,12 @@ def compile_blocks(model: nn.Module, *, hooks_outside: bool = False, cudagraphs:
     return len(blocks)
 
 
-def use_cudagraphs(*, fp8_layers: int, compile_: bool, device: torch.device, bf16_weights: bool) -> bool:
+def use_cudagraphs(*, fp8_layers: int, compile_: bool, device: torch.device, bf16_weights: bool,
+                   blocks: bool) -> bool:
     """Whether the compiled blocks replay as CUDA graphs: with ``training.fp8``, compiled, on CUDA, with
-    ``training.bf16_weights`` on (the default there). Both run only on the fast path's own step: one
+    ``training.bf16_weights`` on (the default there), where the model has repeated blocks to compile (``blocks``:
+    a whole model compiled as one graph would hand out its predictions as graph outputs, which the next
+    iteration overwrites). Both run only on the fast path's own step: one
     process, or the blocks reducer's workers, whose all-reduces are issued between the blocks' graphs
     (on the fp32 gradient buffers, which no graph owns).
 
@@ -143,7 +146,7 @@ def use_cudagraphs(*, fp8_layers: int, compile_: bool, device: torch.device, bf1
     (``MasterWeights``), so no graph output outlives its micro-batch, and ``Stepper`` starts a new graph
     iteration (``cudagraph_mark_step_begin``) before each micro-batch's forward, each memory try's and each
     evaluation batch's."""
-    return bool(fp8_layers) and compile_ and device.type == "cuda" and bf16_weights
+    return bool(fp8_layers) and compile_ and device.type == "cuda" and bf16_weights and blocks
 
 
 # ------------------------------------------------------------------------------------ data path
@@ -900,7 +903,7 @@ class Stepper:
         masters = uses_bf16_weights(bf16_weights, on_cuda=on_cuda, strategy=strategy, world=world, precision=precision,
                                     ddp_impl=ddp_spec.impl)
         self.cudagraphs = use_cudagraphs(fp8_layers=self.fp8, compile_=bool(compile_), device=device,
-                                         bf16_weights=masters)
+                                         bf16_weights=masters, blocks=repeated_blocks(model) is not None)
         self.compiled = compile_blocks(model, hooks_outside=self.fsdp, cudagraphs=self.cudagraphs) if compile_ else 0
         if self.cudagraphs:
             log.info("CUDA graphs for the %d compiled blocks (training.fp8 with bf16 weights on CUDA: the FP8 casts' "
@@ -1084,28 +1087,7 @@ class Stepper:
                 total = _add_weighted(total, loss, w)
             self.engine.step()
         else:
-            if self.master is not None:
-                self.master.begin()
-            for i, (b, w) in enumerate(parts):
-                last = i == last_i
-                self._graph_iteration()
-                with self._no_sync(last) if last_i else contextlib.nullcontext():
-                    with self.autocast:
-                        loss = self.fwd(b)
-                    if last and self.reducer is not None:
-                        self.reducer.arm()
-                    elif last and self.early_norm is not None:
-                        self.early_norm.arm()
-                    if self.master is not None:
-                        self.master.arm()
-                    (loss * w if w != 1.0 else loss).backward()
-                    if self.master is not None:
-                        self.master.flush()
-                total = _add_weighted(total, loss, w)
-            if self.reducer is not None:
-                self.reducer.finish()
-            if self.master is not None:
-                self.master.finish()
+            total = self.gradients(parts)
             self._updating = True
             if self.grad_clip:
                 self.clip()
@@ -1115,6 +1097,37 @@ class Stepper:
             self._updating = False
             self.opt.zero_grad(set_to_none=True)
         self.sched.step()
+        return total
+
+    def gradients(self, parts: list) -> torch.Tensor:
+        """The forward and backward of a batch's micro-batches (``parts(batch)``), gradients accumulated,
+        averaged over the data-parallel ranks (after the last micro-batch) and, with bf16 weights, handed to
+        the fp32 masters as their ``.grad``: everything of a step but the clip and the update. Not under
+        DeepSpeed (its engine does this itself). Returns the batch's loss."""
+        last_i = len(parts) - 1
+        total = None
+        if self.master is not None:
+            self.master.begin()
+        for i, (b, w) in enumerate(parts):
+            last = i == last_i
+            self._graph_iteration()
+            with self._no_sync(last) if last_i else contextlib.nullcontext():
+                with self.autocast:
+                    loss = self.fwd(b)
+                if last and self.reducer is not None:
+                    self.reducer.arm()
+                elif last and self.early_norm is not None:
+                    self.early_norm.arm()
+                if self.master is not None:
+                    self.master.arm()
+                (loss * w if w != 1.0 else loss).backward()
+                if self.master is not None:
+                    self.master.flush()
+            total = _add_weighted(total, loss, w)
+        if self.reducer is not None:
+            self.reducer.finish()
+        if self.master is not None:
+            self.master.finish()
         return total
 
     def _graph_iteration(self) -> None:
