@@ -624,7 +624,7 @@ def _not_one_fast_process(tr, res) -> str | None:
     if tr.strategy == "deepspeed":
         return "DeepSpeed"
     if res.workers > 1:
-        if tr.strategy == "ddp" and (tr.ddp is None or tr.ddp.impl == "blocks"):
+        if tr.strategy == "ddp" and tr.ddp.impl == "blocks":
             return None
         what = {"ddp": "PyTorch's DDP wrapper (ddp.impl torch)", "fsdp": "FSDP", "plain": "strategy plain",
                 "auto": "DeepSpeed (strategy auto)"}[tr.strategy]
