@@ -22,3 +22,11 @@ case " ${CURVES:-q05 q15 vitb} " in *" vitb-fast "*)
     --manifest search_spaces/dinov2-vitb14_classifier_gpu.yaml --hp lr=1e-4 --set training.max_epochs=15 --steps ${STEPS:-240} \
     --variant plain-blocks:training.fast_blocks=false --variant fast:training.fast_blocks=true \
     --variant plain-blocks-order2:training.fast_blocks=false@order=1 2>&1 | grep '^{' | tee -a $O/curves.log ;; esac
+# training.gelu_epilogue (2026-11-28, twelfth session; the tanh GELU in cuBLASLt's epilogues, numerics change): ViT-B/14
+# with it against without it (erf GELU), and without it reordered as the yardstick (bf16 weights and fast blocks on
+# in all three, the defaults). CURVES=vitb-gelu
+case " ${CURVES:-q05 q15 vitb} " in *" vitb-gelu "*)
+  timeout -k 5 ${T:-450} python3 benchmarks/loss_curve.py --out $O/curve_vitb-gelu.json \
+    --manifest search_spaces/dinov2-vitb14_classifier_gpu.yaml --hp lr=1e-4 --set training.max_epochs=15 --steps ${STEPS:-240} \
+    --variant erf:training.gelu_epilogue=false --variant gelu-epilogue:training.gelu_epilogue=true \
+    --variant erf-order2:training.gelu_epilogue=false@order=1 2>&1 | grep '^{' | tee -a $O/curves.log ;; esac

@@ -91,3 +91,15 @@ b --manifest $Q15 --label q15-bs64-fp8-graphs --set search.space.batch_size=64 -
 b --manifest $Q5 --label q05-bs16-fp8-graphs --set training.fp8=true --modes product --steps 20 --rounds 5
 b --manifest $Q5 --label q05-bs16-fp8-nographs --set training.fp8=true --modes product --steps 20 --rounds 5 --no-cudagraphs
 b --manifest $Q15 --label q15-bs64-fp8-nographs --set search.space.batch_size=64 --set training.fp8=true --modes product --steps 6 --no-cudagraphs
+# 2026-11-28 (twelfth session): training.gelu_epilogue (GELU, tanh form, in cuBLASLt's matmul epilogues) against the
+# same step without it, each its own process, twice in turn
+b --manifest $VB --label vitb-bs512-erf --set search.space.batch_size=512 --modes product
+b --manifest $VB --label vitb-bs512-gelu-lt --set search.space.batch_size=512 --set training.gelu_epilogue=true --modes product
+b --manifest $VB --label vitb-bs512-erf-2 --set search.space.batch_size=512 --modes product
+b --manifest $VB --label vitb-bs512-gelu-lt-2 --set search.space.batch_size=512 --set training.gelu_epilogue=true --modes product
+b --manifest $VB --label vitb-bs128-gelu-lt-vs-plain --set training.gelu_epilogue=true --modes product,plain,plain-clip
+# the backward's forms (trainables.gelu_lt.BACKWARDS; the rows above run the default, dgelu): DGELU_BGRAD doing the bias
+# sum too, and the forward's epilogue only (the backward's GELU gradient by Inductor)
+SWEEPER_GELU_LT_BWD=bgrad b --manifest $VB --label vitb-bs512-gelu-lt-bgrad --set search.space.batch_size=512 --set training.gelu_epilogue=true --modes product
+SWEEPER_GELU_LT_BWD=torch b --manifest $VB --label vitb-bs512-gelu-lt-fwd-only --set search.space.batch_size=512 --set training.gelu_epilogue=true --modes product
+SWEEPER_GELU_LT_BWD=dgelu-wb b --manifest $VB --label vitb-bs512-gelu-lt-wb --set search.space.batch_size=512 --set training.gelu_epilogue=true --modes product

@@ -58,7 +58,7 @@ def run_variant(manifest: str, overrides: list[str], hp: dict, steps: int, order
                 break
     metrics = st.evaluate(p.eval_loader(m["training"]["eval_batch_size"]), p.splits)
     out = dict(overrides=overrides, order=order, bf16_weights=st.master is not None, fp8=st.fp8,
-               fast_blocks=st.fast_blocks, micro=st.micro,
+               fast_blocks=st.fast_blocks, gelu_epilogue=st.gelu_epilogue, micro=st.micro,
                bs=p.hp.batch_size, lr=p.hp.lr, steps=len(losses), epochs=epoch, wall_s=round(time.perf_counter() - t0, 1),
                losses=[round(x, 6) for x in losses],
                eval={k: round(float(v), 6) for k, v in metrics.items() if isinstance(v, (int, float))})

@@ -206,7 +206,7 @@ def main(argv=None):
                 device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", torch=torch.__version__,
                 **({"sdpa": a.sdpa} if a.sdpa else {}), **({"pure_bf16": True} if a.pure_bf16 else {}),
                 **({"fp8_only": a.fp8_only} if a.fp8_only else {}),
-                fast_blocks=st.fast_blocks, cudagraphs_product=st.cudagraphs, **({"autotune": True} if a.autotune else {}),
+                fast_blocks=st.fast_blocks, gelu_epilogue=st.gelu_epilogue, cudagraphs_product=st.cudagraphs, **({"autotune": True} if a.autotune else {}),
                 **({"cudagraphs": True} if a.cudagraphs else {}))
     first = next(iter(p.train_loader(0)))
     units_per_batch = speed.batch_units(first)[1]
@@ -239,8 +239,9 @@ def main(argv=None):
         splits = cached_splits(fam, m["data"], m["model"])
         with (torch.device(dev) if dev.type == "cuda" else torch.device("cpu")):
             model = fam.build_model(m["model"], splits, hp)
-        # training.fast_blocks and training.fp8: the same blocks in the plain loop as in the product
-        speed.transform_blocks(fam, model, dev, fast_blocks=bool(st.fast_blocks), fp8=bool(st.fp8))
+        # training.fast_blocks, gelu_epilogue and fp8: the same blocks in the plain loop as in the product
+        speed.transform_blocks(fam, model, dev, fast_blocks=bool(st.fast_blocks), fp8=bool(st.fp8),
+                               gelu_epilogue=bool(st.gelu_epilogue))
         if st.compiled:  # CUDA graphs where the product has them (training.fp8 with bf16 weights on CUDA)
             speed.compile_blocks(model, cudagraphs=st.cudagraphs)
         model.to(dev)

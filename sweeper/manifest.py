@@ -244,6 +244,15 @@ class TrainingSpec(Strict):
     with ``ddp.impl: blocks`` (not the Lightning loop, DeepSpeed, FSDP or PyTorch's DDP wrapper, where it is
     not tested). With ``bf16_weights`` on a GPU the compiled blocks replay as CUDA graphs."""
 
+    gelu_epilogue: bool = False
+    """DINOv2: each block's MLP runs its GELU inside cuBLASLt's matmul epilogues (``trainables.gelu_lt``): the
+    first matmul applies it and keeps its input, the backward's matmul applies its gradient and sums the
+    bias gradient, so the elementwise passes over the 4·d-wide activation go. cuBLASLt's GELU is the tanh
+    form, not DINOv2's erf form, so this changes the numerics (docs/gpu.md has its speed and loss curve).
+    On CUDA it builds a small C file against the CUDA toolkit's cuBLASLt at first use (needs a C compiler
+    and the toolkit's headers); on the CPU the same tanh MLP runs in PyTorch. On the fast path's own step
+    only (as ``fp8``), and not together with ``fp8``."""
+
     fast_blocks: bool = True
     """The model family's faster form of its repeated blocks, with the same arithmetic (only where roundings
     happen moves), on the fast path. DINOv2 (``trainables.dinov2_fast``): each LayerScale folded into the
@@ -721,6 +730,14 @@ def _semantic_problems(m) -> list[str]:
         where = _not_one_fast_process(tr, res)
         if where:
             out.append(f"`training.fp8`: {FP8_NEEDS}, but this manifest's trials run {where}")
+    if res is not None and tr is not None and tr.gelu_epilogue:
+        where = _not_one_fast_process(tr, res)
+        if fam is not None and not fam.gelu_mlp:
+            out.append(f"`training.gelu_epilogue`: {m.trainable} has no GELU MLP (DINOv2's blocks have one)")
+        elif tr.fp8:
+            out.append("`training.gelu_epilogue`: not with `training.fp8` (the MLP's first layer would be FP8's)")
+        elif where:
+            out.append(f"`training.gelu_epilogue`: {GELU_EPILOGUE_NEEDS}, but this manifest's trials run {where}")
     if res is not None and tr is not None and tr.strategy == "plain" and res.workers > 1:
         out.append("`training.strategy`: plain runs one worker; use ddp, fsdp or deepspeed with `resources.workers` > 1")
     return out
@@ -873,12 +890,17 @@ FP8_NEEDS = ("true needs the fast path's own step (a one-worker GPU trial, strat
              "where FP8 is not tested)")
 
 
+# Where ``training.gelu_epilogue: true`` runs (the schema check and trainables.speed.use_gelu_epilogue say it alike)
+GELU_EPILOGUE_NEEDS = FP8_NEEDS.replace("FP8 is not tested", "the GELU epilogues are not tested")
+
+
 # Settings added after sweeps were already being run, with the default that behaves as before they existed.
 # A new setting with a default belongs here: at that default it leaves a sweep's identity (its directory) as
 # it was, so re-running an older manifest still resumes its sweep. (tests/test_manifest.py holds an identity
 # computed before ``training.micro_batch`` was added.)
 LATER_DEFAULTS: dict[tuple[str, str], Any] = {("training", "micro_batch"): "auto", ("training", "bf16_weights"): "auto",
-                                              ("training", "fp8"): False, ("training", "fast_blocks"): True}
+                                              ("training", "fp8"): False, ("training", "fast_blocks"): True,
+                                              ("training", "gelu_epilogue"): False}
 
 
 def load(path: str | os.PathLike, overrides: list[str] | None = None) -> Loaded:

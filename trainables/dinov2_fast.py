@@ -32,9 +32,13 @@ class LayerScaledLinear(nn.Linear):
     ``fold`` linked (kept outside the module tree: the parameter stays where it was, under its own name, and a
     step that replaces parameter objects, as ``training.bf16_weights`` does, is followed)."""
 
-    def forward(self, x):
+    def folded(self):
+        """The weight and bias with the scale folded in: ``diag(ls) W`` and ``ls ∘ b``."""
         ls = self._layer_scale.lambda1
-        return F.linear(x, self.weight * ls.unsqueeze(-1), None if self.bias is None else self.bias * ls)
+        return self.weight * ls.unsqueeze(-1), None if self.bias is None else self.bias * ls
+
+    def forward(self, x):
+        return F.linear(x, *self.folded())
 
 
 class FoldedLayerScale(nn.Module):

@@ -23,6 +23,8 @@ class FamilyInfo:
     allows_fp16: bool = True
     fp16_reason: str = ""
     backbone_prefix: str = "backbone."
+    gelu_mlp: bool = False
+    """The blocks hold fc1 → GELU → fc2 MLPs (``training.gelu_epilogue`` applies)."""
     extra: dict = field(default_factory=dict)
 
 
@@ -53,6 +55,7 @@ _FAMILIES: dict[str, FamilyInfo] = {
         generator="images_synthetic",
         allows_fp16=False,
         fp16_reason="DINOv2 activations overflow fp16's range (65504) and the loss turns NaN",
+        gelu_mlp=True,
     ),
     # benchmarks only: no model and no data, each epoch sleeps (platform-overhead measurements)
     "sleep_bench": FamilyInfo(

@@ -821,14 +821,47 @@ def use_fp8(knob: bool, model: nn.Module, device: torch.device, *, strategy: str
     return n
 
 
+def use_gelu_epilogue(knob: bool, family, model: nn.Module, device: torch.device, *, strategy: str = "plain",
+                      world: int = 1, ddp_impl: str = "blocks") -> int:
+    """``training.gelu_epilogue``: the blocks' GELU MLPs made ``trainables.gelu_lt.GeluEpilogueMLP`` (GELU, in
+    its tanh form, inside cuBLASLt's matmul epilogues). Returns how many. Refused, naming the field, for a
+    family without such MLPs, together with ``training.fp8``, off the fast path's own step (the MLP's forward
+    reads its linear layers' weights itself, which DeepSpeed ZeRO-3 gathers only for their own forward), and
+    on a CUDA machine that cannot build the kernels. Applied through ``transform_blocks``."""
+    if not knob:
+        return 0
+    from sweeper.errors import UserError
+    from sweeper.manifest import GELU_EPILOGUE_NEEDS
+
+    from .gelu_lt import convert_layers, why_not_ready
+
+    if not family.info.gelu_mlp:
+        raise UserError(f"training.gelu_epilogue: {family.info.name} has no GELU MLP (DINOv2's blocks have one)")
+    if not one_fast_process(strategy, world, ddp_impl):
+        raise UserError(f"training.gelu_epilogue: {GELU_EPILOGUE_NEEDS}, but this trial runs strategy {strategy}"
+                        f"{_impl(strategy, world, ddp_impl)}, {world} worker(s)")
+    why = why_not_ready(device)
+    if why:
+        raise UserError(f"training.gelu_epilogue: {why}")
+    n = convert_layers(repeated_blocks(model, min_len=1))
+    log.info("GELU (tanh form) in the matmul epilogues of %d blocks' MLPs (training.gelu_epilogue)", n)
+    return n
+
+
 def transform_blocks(family, model: nn.Module, device: torch.device, *, fast_blocks: bool, fp8: bool,
-                     strategy: str = "plain", world: int = 1, stage: int | None = None,
-                     ddp_impl: str = "blocks") -> tuple[int, int]:
+                     gelu_epilogue: bool = False, strategy: str = "plain", world: int = 1, stage: int | None = None,
+                     ddp_impl: str = "blocks") -> tuple[int, int, int]:
     """The changes a trial makes to its blocks before compiling them, in their one order: the family's fast
-    blocks, then FP8 (which takes plain ``nn.Linear`` only, so layers the fast blocks replaced stay bf16).
-    Returns (blocks made fast, layers made FP8). The trial's Stepper, the packing probe and the step
-    benchmark's plain loop all call this, so the three hold the same model."""
+    blocks, the GELU epilogue MLPs (which take the fast blocks' folded layer), then FP8 (which takes plain
+    ``nn.Linear`` only, so layers the fast blocks replaced stay bf16; the manifest refuses FP8 with the GELU
+    epilogues). Returns (blocks made fast, MLPs with GELU epilogues, layers made FP8). The trial's Stepper, the
+    packing probe and the step benchmark's plain loop all call this, so the three hold the same model."""
+    if gelu_epilogue and fp8:
+        from sweeper.errors import UserError
+
+        raise UserError("training.gelu_epilogue: not with training.fp8 (the MLP's first layer would be FP8's)")
     return (use_fast_blocks(fast_blocks, family, model, strategy=strategy, stage=stage),
+            use_gelu_epilogue(gelu_epilogue, family, model, device, strategy=strategy, world=world, ddp_impl=ddp_impl),
             use_fp8(fp8, model, device, strategy=strategy, world=world, ddp_impl=ddp_impl))
 
 
@@ -872,7 +905,7 @@ class Stepper:
                  grad_clip: float, total_steps: int, step_offset: int = 0, compile_: bool = False,
                  ds: dict | None = None, world: int = 1, ddp: dict | None = None, fsdp: dict | None = None,
                  micro_batch: int | None = None, bf16_weights: Any = False, fp8: bool = False,
-                 fast_blocks: bool = False):
+                 fast_blocks: bool = False, gelu_epilogue: bool = False):
         from sweeper.manifest import DDPSpec, FSDPSpec
 
         from .base import cosine_with_warmup
@@ -896,9 +929,9 @@ class Stepper:
         self.ds = ds or {}
         self.stage = int(self.ds.get("stage", 2)) if strategy == "deepspeed" else None
         ddp_spec = DDPSpec(**(ddp or {}))  # the manifest's defaults for a caller that passes none
-        self.fast_blocks, self.fp8 = transform_blocks(family, model, device, fast_blocks=fast_blocks, fp8=fp8,
-                                                      strategy=strategy, world=world, stage=self.stage,
-                                                      ddp_impl=ddp_spec.impl)
+        self.fast_blocks, self.gelu_epilogue, self.fp8 = transform_blocks(
+            family, model, device, fast_blocks=fast_blocks, fp8=fp8, gelu_epilogue=gelu_epilogue, strategy=strategy,
+            world=world, stage=self.stage, ddp_impl=ddp_spec.impl)
         on_cuda = device.type == "cuda"
         masters = uses_bf16_weights(bf16_weights, on_cuda=on_cuda, strategy=strategy, world=world, precision=precision,
                                     ddp_impl=ddp_spec.impl)
@@ -1417,7 +1450,8 @@ def prepare(config: dict, spec, reporter=None, *, use_ray_train: bool = False) -
                       compile_=compile_, ds=ds, world=world, ddp=m["training"].get("ddp"),
                       fsdp=m["training"].get("fsdp"), micro_batch=resolve_micro(training.get("micro_batch"), hp.batch_size),
                       bf16_weights=training.get("bf16_weights", "auto"), fp8=bool(training.get("fp8", False)),
-                      fast_blocks=bool(training.get("fast_blocks", True)))
+                      fast_blocks=bool(training.get("fast_blocks", True)),
+                      gelu_epilogue=bool(training.get("gelu_epilogue", False)))
     if resumed and strategy == "deepspeed":
         if not stepper.load_engine(resumed):  # a checkpoint from another strategy: weights only
             stepper.inner.load_state_dict({k: v for k, v in ckpt_mod.load_checkpoint(resumed).model_state.items()},

@@ -1,0 +1,305 @@
+"""An MLP whose GELU runs inside cuBLASLt's matmul epilogues (``training.gelu_epilogue``, DINOv2).
+
+``fc2(gelu(fc1(x)))`` as two fused matmuls a direction instead of a matmul, an elementwise pass and a matmul:
+
+- forward, ``GELU_AUX_BIAS``: one matmul writes ``act = gelu(x W1ᵀ + b1)`` and keeps ``pre = x W1ᵀ + b1``
+  for the backward (the separate GELU pass over the [rows, 4·d] activation, a read and a write, is gone);
+- backward, ``DGELU_BGRAD``: the matmul that forms ``dy W2`` multiplies by ``gelu'(pre)`` in its epilogue and
+  sums the result's rows into ``b1``'s gradient (the GELU backward pass, three activation-sized reads and
+  writes, and the bias-gradient reduction are gone).
+
+cuBLASLt's GELU is the tanh form (PyTorch's ``gelu(approximate="tanh")``), not the erf form DINOv2 was
+trained with, so this changes the numerics: off by default, and benchmarks/curves_h100.sh (``vitb-gelu``)
+has its loss curve against the erf MLP.
+
+The kernels are cuBLASLt's own (``csrc/gelu_lt.c``, called through ctypes; the C file is built with the
+system's C compiler against the CUDA toolkit's ``cublasLt.h`` the first time it is needed, in about a
+second, and cached by content under ``~/.cache/sweeper``). The two matmuls are ``torch.library`` custom
+ops with fake implementations, so ``torch.compile`` keeps each block one graph. On the CPU the same ops
+run as plain PyTorch (the tanh GELU and its gradient), which is what the CPU tests and CPU trials use; on
+CUDA they need bf16 operands (autocast), else the same plain path runs.
+
+Tried before this (docs/gpu.md, tenth session): the same two epilogues in Triton, correct but about 40 %
+slower than cuBLAS at K = 768, so the step got slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+_SRC = Path(__file__).resolve().parent / "csrc" / "gelu_lt.c"
+_WORKSPACE = 32 << 20  # cuBLASLt's workspace per call (PyTorch gives its own cuBLASLt calls 32 MiB on Hopper)
+_LOCK = threading.Lock()
+_LIB: ctypes.CDLL | None = None
+_WS: dict[int, torch.Tensor] = {}
+# which of cuBLASLt's heuristic choices each kernel runs (0: its first; benchmarks/mlp_lt.py times the others)
+ALGO = {"lt_linear_gelu": 0, "lt_dgelu_bgrad": 0, "lt_dgelu": 0, "lt_wgrad_bgradb": 0}
+# How the backward forms the GELU's gradient and b1's (SWEEPER_GELU_LT_BWD, for benchmarks/mlp_lt.py and the step
+# rows of benchmarks/gpu_h100.sh): ``dgelu``, the DGELU epilogue with the bias sum by PyTorch (Inductor);
+# ``dgelu-wb``, the same with both layers' bias sums in their weight-gradient matmuls (BGRADB epilogue);
+# ``bgrad``, the DGELU_BGRAD epilogue doing both; ``torch``, PyTorch's matmul and Inductor's fused pass
+BACKWARDS = ("dgelu", "dgelu-wb", "bgrad", "torch")
+BACKWARD = os.environ.get("SWEEPER_GELU_LT_BWD", "dgelu")
+if BACKWARD not in BACKWARDS:
+    raise ValueError(f"SWEEPER_GELU_LT_BWD={BACKWARD!r}: one of {', '.join(BACKWARDS)}")
+
+
+def _cuda_home() -> Path | None:
+    for c in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if c and (Path(c) / "include" / "cublasLt.h").exists():
+            return Path(c)
+    nvcc = shutil.which("nvcc")
+    if nvcc and (Path(nvcc).resolve().parents[1] / "include" / "cublasLt.h").exists():
+        return Path(nvcc).resolve().parents[1]
+    return None
+
+
+def why_not_ready(device: torch.device) -> str | None:
+    """Why the cuBLASLt path cannot run on ``device`` (None: it can, or the device is the CPU, where the
+    plain-PyTorch form runs)."""
+    if device.type != "cuda":
+        return None
+    if torch.version.cuda is None:
+        return "this PyTorch was built without CUDA"
+    if _cuda_home() is None:
+        return "no CUDA toolkit with cublasLt.h found (set CUDA_HOME)"
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        return f"no C compiler ({os.environ.get('CC', 'cc')}) to build trainables/csrc/gelu_lt.c"
+    return None
+
+
+def _library() -> ctypes.CDLL:
+    """The built ``csrc/gelu_lt.c``, built on first use (per content, toolkit and compiler)."""
+    global _LIB
+    with _LOCK:
+        if _LIB is not None:
+            return _LIB
+        home = _cuda_home()
+        if home is None:
+            raise RuntimeError("training.gelu_epilogue: no CUDA toolkit with cublasLt.h found (set CUDA_HOME)")
+        cc = os.environ.get("CC", "cc")
+        key = hashlib.sha256(_SRC.read_bytes() + str(home).encode() + cc.encode()).hexdigest()[:16]
+        cache = Path(os.environ.get("SWEEPER_CACHE", Path.home() / ".cache" / "sweeper"))
+        so = cache / f"gelu_lt-{key}.so"
+        if not so.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+            os.close(fd)
+            lib = next((p for p in (home / "lib64", home / "lib", home / "targets/x86_64-linux/lib")
+                        if (p / "libcublasLt.so").exists()), home / "lib64")
+            cmd = [cc, "-O2", "-shared", "-fPIC", str(_SRC), f"-I{home / 'include'}", f"-L{lib}", "-lcublasLt",
+                   "-o", tmp]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                os.unlink(tmp)
+                raise RuntimeError(f"training.gelu_epilogue: building {_SRC.name} failed: {' '.join(cmd)}\n{r.stderr}")
+            os.replace(tmp, so)  # atomic: concurrent trials each build, one file wins
+            log.info("built %s (%s)", so, " ".join(cmd))
+        lib = ctypes.CDLL(str(so))
+        for name in ("lt_linear_gelu", "lt_dgelu_bgrad", "lt_dgelu", "lt_wgrad_bgradb"):
+            f = getattr(lib, name)
+            f.restype = ctypes.c_int
+            f.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 5 + [ctypes.c_void_p, ctypes.c_size_t,
+                                                                        ctypes.c_void_p, ctypes.c_int]
+        lib.lt_status_string.restype = ctypes.c_char_p
+        lib.lt_status_string.argtypes = [ctypes.c_int]
+        _LIB = lib
+        return lib
+
+
+def _workspace(device: torch.device) -> torch.Tensor:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _WS:
+        _WS[idx] = torch.empty(_WORKSPACE, dtype=torch.uint8, device=device)
+    return _WS[idx]
+
+
+def _call(name: str, dims: tuple[int, int, int], *tensors: torch.Tensor) -> None:
+    lib = _library()
+    dev = tensors[0].device
+    ws = _workspace(dev)
+    status = getattr(lib, name)(*dims, *(t.data_ptr() for t in tensors), ws.data_ptr(), _WORKSPACE,
+                                torch.cuda.current_stream(dev).cuda_stream, ALGO[name])
+    if status != 0:
+        raise RuntimeError(f"cuBLASLt {name} {dims}: {lib.lt_status_string(status).decode()} ({status})")
+
+
+def _lt_ok(*tensors: torch.Tensor) -> bool:
+    """The cuBLASLt kernels take bf16, contiguous, 16-byte-aligned CUDA operands."""
+    return all(t.is_cuda and t.dtype == torch.bfloat16 and t.is_contiguous() and t.data_ptr() % 16 == 0
+               for t in tensors)
+
+
+@torch.library.custom_op("sweeper::lt_linear_gelu", mutates_args=())
+def linear_gelu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gelu_tanh(x wᵀ + b), x wᵀ + b)`` for x [M, d], w [f, d], b [f]."""
+    if _lt_ok(x, w, b) and w.shape[0] % 8 == 0:
+        m, d, f = x.shape[0], x.shape[1], w.shape[0]
+        act, pre = x.new_empty(m, f), x.new_empty(m, f)
+        if m:
+            _call("lt_linear_gelu", (m, d, f), x, w, b, act, pre)
+        return act, pre
+    pre = F.linear(x, w, b)
+    return F.gelu(pre, approximate="tanh"), pre
+
+
+@linear_gelu.register_fake
+def _(x, w, b):
+    return x.new_empty(x.shape[0], w.shape[0]), x.new_empty(x.shape[0], w.shape[0])
+
+
+@torch.library.custom_op("sweeper::lt_dgelu_bgrad", mutates_args=())
+def dgelu_bgrad(dy: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dpre, dpre summed over rows)`` with ``dpre = (dy w2) ∘ gelu_tanh'(pre)``; dy [M, e], w2 [e, f]."""
+    if _lt_ok(dy, w2, pre) and w2.shape[1] % 8 == 0:
+        m, e, f = dy.shape[0], dy.shape[1], w2.shape[1]
+        dpre, db = dy.new_empty(m, f), dy.new_empty(f)
+        if m:
+            _call("lt_dgelu_bgrad", (m, e, f), dy, w2, pre, dpre, db)
+        else:
+            db.zero_()
+        return dpre, db
+    dpre = torch.ops.aten.gelu_backward(dy @ w2, pre, approximate="tanh")
+    return dpre, dpre.sum(0, dtype=torch.float32).to(dpre.dtype)
+
+
+@dgelu_bgrad.register_fake
+def _(dy, w2, pre):
+    return dy.new_empty(dy.shape[0], w2.shape[1]), dy.new_empty(w2.shape[1])
+
+
+@torch.library.custom_op("sweeper::lt_dgelu", mutates_args=())
+def dgelu(dy: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """``(dy w2) ∘ gelu_tanh'(pre)``; dy [M, e], w2 [e, f]."""
+    if _lt_ok(dy, w2, pre) and w2.shape[1] % 8 == 0:
+        m, e, f = dy.shape[0], dy.shape[1], w2.shape[1]
+        dpre = dy.new_empty(m, f)
+        if m:
+            _call("lt_dgelu", (m, e, f), dy, w2, pre, dpre, dpre)
+        return dpre
+    return torch.ops.aten.gelu_backward(dy @ w2, pre, approximate="tanh")
+
+
+@dgelu.register_fake
+def _(dy, w2, pre):
+    return dy.new_empty(dy.shape[0], w2.shape[1])
+
+
+@torch.library.custom_op("sweeper::lt_wgrad_bgradb", mutates_args=())
+def wgrad_bgradb(dz: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear layer's weight and bias gradients ``(dzᵀ x, dz summed over rows)``; dz [M, o], x [M, i]."""
+    if _lt_ok(dz, x) and x.shape[1] % 8 == 0 and dz.shape[1] % 8 == 0 and dz.shape[0]:
+        m, i, o = dz.shape[0], x.shape[1], dz.shape[1]
+        dw, db = dz.new_empty(o, i), dz.new_empty(o)
+        _call("lt_wgrad_bgradb", (m, i, o), dz, x, dw, db, db)
+        return dw, db
+    return dz.t() @ x, dz.sum(0, dtype=torch.float32).to(dz.dtype)
+
+
+@wgrad_bgradb.register_fake
+def _(dz, x):
+    return dz.new_empty(dz.shape[1], x.shape[1]), dz.new_empty(dz.shape[1])
+
+
+class _GeluMLP(torch.autograd.Function):
+    """``y = gelu_tanh(x W1ᵀ + b1) W2ᵀ + b2`` on 2-D operands of one dtype, with the fused backward."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        act, pre = linear_gelu(x, w1, b1)
+        ctx.save_for_backward(x, w1, w2, pre, act)
+        ctx.backward = BACKWARD
+        return F.linear(act, w2, b2)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w1, w2, pre, act = ctx.saved_tensors
+        dy = dy.contiguous()
+        how = ctx.backward
+        if how == "dgelu-wb":
+            dpre = dgelu(dy, w2, pre)
+            (dw1, db1), (dw2, db2) = wgrad_bgradb(dpre, x), wgrad_bgradb(dy, act)
+            return dpre @ w1, dw1, db1, dw2, db2
+        if how == "bgrad":
+            dpre, db1 = dgelu_bgrad(dy, w2, pre)
+        else:
+            dpre = dgelu(dy, w2, pre) if how == "dgelu" else \
+                torch.ops.aten.gelu_backward(dy @ w2, pre, approximate="tanh")
+            db1 = dpre.sum(0, dtype=torch.float32).to(dpre.dtype)
+        return dpre @ w1, dpre.t() @ x, db1, dy.t() @ act, dy.sum(0, dtype=torch.float32).to(dy.dtype)
+
+
+def gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """The MLP on ``x [..., d]``, in autocast's dtype where autocast is on (as ``F.linear`` would be)."""
+    dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    shape = x.shape
+    with torch.autocast(x.device.type, enabled=False):
+        y = _GeluMLP.apply(x.reshape(-1, shape[-1]).to(dt).contiguous(), w1.to(dt), b1.to(dt), w2.to(dt), b2.to(dt))
+    return y.reshape(*shape[:-1], y.shape[-1])
+
+
+class GeluEpilogueMLP(nn.Module):
+    """A DINOv2 MLP (``fc1``, GELU, ``fc2``) whose forward is ``gelu_mlp``; ``fc2`` may be the fast blocks'
+    ``LayerScaledLinear`` (its scale folded into the weight it hands over). Parameters and state dict are the
+    original module's."""
+
+    def forward(self, hidden_state):
+        w2, b2 = _effective(self.fc2)
+        return gelu_mlp(hidden_state, self.fc1.weight, self.fc1.bias, w2, b2)
+
+
+def _effective(linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    from .dinov2_fast import LayerScaledLinear
+
+    if isinstance(linear, LayerScaledLinear):
+        return linear.folded()
+    return linear.weight, linear.bias
+
+
+_CONVERTED: dict[type, type] = {}
+
+
+def _converted_class(orig: type) -> type:
+    """One class per original MLP class (all blocks share it, so torch.compile reuses one graph)."""
+    if orig not in _CONVERTED:
+        _CONVERTED[orig] = type(f"GeluEpilogue{orig.__name__}", (GeluEpilogueMLP, orig), {})
+    return _CONVERTED[orig]
+
+
+def convertible(mlp: nn.Module) -> bool:
+    """An MLP of exactly ``fc1`` → erf or tanh GELU → ``fc2``, both linear layers with a bias."""
+    from .dinov2_fast import LayerScaledLinear
+
+    children = dict(mlp.named_children())
+    fc1, fc2 = children.pop("fc1", None), children.pop("fc2", None)
+    # the activation's attribute: ``activation`` in transformers 5.17, ``activation_fn`` in 5.24
+    act = next(iter(children.values())) if len(children) == 1 else None
+    gelu = type(act).__name__ in ("GELUActivation", "GELU", "GELUTanh", "NewGELUActivation", "PytorchGELUTanh")
+    return (type(fc1) is nn.Linear and type(fc2) in (nn.Linear, LayerScaledLinear) and gelu
+            and fc1.bias is not None and fc2.bias is not None)
+
+
+def convert_layers(blocks: nn.ModuleList | None) -> int:
+    """Make the MLP of every block in ``blocks`` a ``GeluEpilogueMLP``, in place (after the fast blocks' fold,
+    before compiling). Returns how many changed."""
+    n = 0
+    for layer in blocks or []:
+        mlp = getattr(layer, "mlp", None)
+        if mlp is not None and not isinstance(mlp, GeluEpilogueMLP) and convertible(mlp):
+            mlp.__class__ = _converted_class(type(mlp))
+            n += 1
+    return n
