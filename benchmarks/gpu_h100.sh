@@ -98,8 +98,7 @@ b --manifest $VB --label vitb-bs512-gelu-lt --set search.space.batch_size=512 --
 b --manifest $VB --label vitb-bs512-erf-2 --set search.space.batch_size=512 --modes product
 b --manifest $VB --label vitb-bs512-gelu-lt-2 --set search.space.batch_size=512 --set training.gelu_epilogue=true --modes product
 b --manifest $VB --label vitb-bs128-gelu-lt-vs-plain --set training.gelu_epilogue=true --modes product,plain,plain-clip
-# the backward's forms (trainables.gelu_lt.BACKWARDS; the rows above run the default, dgelu): DGELU_BGRAD doing the bias
-# sum too, and the forward's epilogue only (the backward's GELU gradient by Inductor)
-SWEEPER_GELU_LT_BWD=bgrad b --manifest $VB --label vitb-bs512-gelu-lt-bgrad --set search.space.batch_size=512 --set training.gelu_epilogue=true --modes product
-SWEEPER_GELU_LT_BWD=torch b --manifest $VB --label vitb-bs512-gelu-lt-fwd-only --set search.space.batch_size=512 --set training.gelu_epilogue=true --modes product
-SWEEPER_GELU_LT_BWD=dgelu-wb b --manifest $VB --label vitb-bs512-gelu-lt-wb --set search.space.batch_size=512 --set training.gelu_epilogue=true --modes product
+# Commit 46e3662 also had the backward's other forms as rows (SWEEPER_GELU_LT_BWD=bgrad, torch, dgelu-wb: DGELU_BGRAD, the
+# forward's epilogue only, BGRADB weight gradients); all slower than the DGELU form kept (gpu_2026-11-28-twelfth.md)
+b --manifest $VB --label vitb-bs512-gelu-lt-loader --set search.space.batch_size=512 --set training.gelu_epilogue=true --modes product,loader
+b --manifest $VS --label vits-gelu-lt --set training.gelu_epilogue=true --modes product,loader,plain

@@ -51,21 +51,6 @@ def main(argv=None):
 
     variants = {"erf-compiled": torch.compile(plain("none")), "tanh-compiled": torch.compile(plain("tanh")),
                 "lt-eager": gelu_mlp, "lt-compiled": torch.compile(gelu_mlp)}
-    from trainables import gelu_lt
-
-    def backward(how):  # the backward's GELU gradient and bias sum: gelu_lt.BACKWARDS
-        def f(*o):
-            old, gelu_lt.BACKWARD = gelu_lt.BACKWARD, how
-            try:
-                return gelu_mlp(*o)
-            finally:
-                gelu_lt.BACKWARD = old
-        return f
-
-    variants = {"erf-compiled": variants["erf-compiled"], "tanh-compiled": variants["tanh-compiled"]}
-    for how in gelu_lt.BACKWARDS:
-        variants[f"lt-bwd-{how}-eager"] = backward(how)
-        variants[f"lt-bwd-{how}-compiled"] = torch.compile(backward(how))
 
     def step(fn):
         for t in ops:
@@ -127,7 +112,9 @@ def _ms(fn, iters, rounds):
 
 def gemm_algos(a, x, w1, b1, w2, dy):
     """Each epilogue matmul alone, at each of cuBLASLt's heuristic choices, against PyTorch's matmul with
-    Inductor's GELU (forward: ``act, pre``; backward: ``dpre`` and its row sums), in one process."""
+    Inductor's GELU (forward: ``act, pre``; backward: ``dpre`` and its row sums, which ``lt_dgelu+sum`` adds
+    to the DGELU matmul as the product does), in one process. (Commit 46e3662 also timed DGELU_BGRAD and
+    BGRADB, the bias sums inside the matmuls: slower, not kept.)"""
     import torch
     import torch.nn.functional as F
 
@@ -142,17 +129,10 @@ def gemm_algos(a, x, w1, b1, w2, dy):
 
     bwd = torch.compile(bwd_fn)
     _, pre = gelu_lt.linear_gelu(x, w1, b1)
-    act = F.gelu(pre, approximate="tanh")
-    dpre = gelu_lt.dgelu(dy, w2, pre)
-    wgrad = torch.compile(lambda dz, x: (dz.t() @ x, dz.sum(0)))
-    rows = {"torch-fwd": (lambda: fwd(x, w1, b1)), "torch-bwd": (lambda: bwd(dy, w2, pre)),
-            "torch-wgrad1": (lambda: wgrad(dpre, x)), "torch-wgrad2": (lambda: wgrad(dy, act))}
+    rows = {"torch-fwd": (lambda: fwd(x, w1, b1)), "torch-bwd": (lambda: bwd(dy, w2, pre))}
     dgelu_sum = torch.compile(lambda dy, w2, pre: (lambda d: (d, d.sum(0)))(gelu_lt.dgelu(dy, w2, pre)))
-    calls = {"lt_linear_gelu": lambda: gelu_lt.linear_gelu(x, w1, b1),
-             "lt_dgelu_bgrad": lambda: gelu_lt.dgelu_bgrad(dy, w2, pre),
-             "lt_dgelu": lambda: gelu_lt.dgelu(dy, w2, pre), "lt_dgelu+sum": lambda: dgelu_sum(dy, w2, pre),
-             "lt_wgrad_bgradb": lambda: gelu_lt.wgrad_bgradb(dpre, x),
-             "lt_wgrad_bgradb+2": lambda: gelu_lt.wgrad_bgradb(dy, act)}
+    calls = {"lt_linear_gelu": lambda: gelu_lt.linear_gelu(x, w1, b1), "lt_dgelu": lambda: gelu_lt.dgelu(dy, w2, pre),
+             "lt_dgelu+sum": lambda: dgelu_sum(dy, w2, pre)}
     for name, fn in calls.items():
         for i in range(a.algos if name != "lt_dgelu+sum" else 1):  # "+": the same kernel, another use
             gelu_lt.ALGO[name.split("+")[0]] = i
@@ -170,8 +150,7 @@ def gemm_algos(a, x, w1, b1, w2, dy):
     for k in gelu_lt.ALGO:
         gelu_lt.ALGO[k] = 0
     for name, ms in res.items():
-        base = res[name if name.startswith("torch-") else "torch-fwd" if "linear" in name else
-                   "torch-wgrad2" if "+2" in name else "torch-wgrad1" if "wgrad" in name else "torch-bwd"]
+        base = res["torch-fwd" if name == "torch-fwd" or "linear" in name else "torch-bwd"]
         row = dict(kernel=name, ms=round(ms, 3), ratio_to_torch=round(ms / base, 4), rows=x.shape[0])
         print(json.dumps(row), flush=True)
         if a.out:

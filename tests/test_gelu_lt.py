@@ -38,12 +38,9 @@ def _grads(fn, ops, dy):
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-@pytest.mark.parametrize("how", gelu_lt.BACKWARDS)
-def test_gelu_mlp_equals_autograd_on_cpu(compiled, how, monkeypatch):
+def test_gelu_mlp_equals_autograd_on_cpu(compiled):
     """The fused MLP's output and all five gradients (input, both weights, both biases) equal autograd's on the
-    tanh-GELU MLP, eager and under torch.compile (the custom ops' fake forms), whichever form the backward
-    takes; 3-D inputs keep their shape."""
-    monkeypatch.setattr(gelu_lt, "BACKWARD", how)
+    tanh-GELU MLP, eager and under torch.compile (the custom ops' fake forms); 3-D inputs keep their shape."""
     ops = _operands()
     dy = torch.randn(37, 16, generator=torch.Generator().manual_seed(1))
     fn = torch.compile(gelu_lt.gelu_mlp, fullgraph=True) if compiled else gelu_lt.gelu_mlp
@@ -169,14 +166,14 @@ def test_gelu_epilogue_trial_and_setting(tmp_path):
 @pytest.mark.parametrize("m", [1, 1000, 4099])
 def test_gelu_lt_kernels_on_cuda(m):
     """cuBLASLt's two epilogue matmuls against the same arithmetic in fp32: errors within what PyTorch's own bf16
-    path makes (twice its error against fp32, plus bf16's last bit), the bias gradient included, for a row count
-    that is no multiple of any tile."""
+    path makes (twice its error against fp32, plus bf16's last bit), for a row count that is no multiple of any
+    tile."""
     d, f = 64, 256
     x, w1, b1, w2, _ = (o.detach() for o in _operands(m, d, f, d, torch.bfloat16, "cuda"))
     dy = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)
     assert gelu_lt.why_not_ready(torch.device("cuda")) is None
     act, pre = gelu_lt.linear_gelu(x, w1, b1)
-    dpre, db = gelu_lt.dgelu_bgrad(dy, w2, pre)
+    dpre = gelu_lt.dgelu(dy, w2, pre)
     pre32 = F.linear(x.float(), w1.float(), b1.float())
     act32 = F.gelu(pre32, approximate="tanh")
     dpre32 = torch.ops.aten.gelu_backward(dy.float() @ w2.float(), pre.float(), approximate="tanh")
@@ -187,13 +184,6 @@ def test_gelu_lt_kernels_on_cuda(m):
         ref = (torch_bf16[name].float() - want).abs().max().item()
         scale = want.abs().max().item()
         assert err <= 2 * ref + scale / 128, (name, err, ref, scale)
-    torch.testing.assert_close(db.float(), dpre32.sum(0), rtol=0.02, atol=0.02 * dpre32.sum(0).abs().max().item())
-    only = gelu_lt.dgelu(dy, w2, pre)
-    assert (only.float() - dpre32).abs().max().item() <= 2 * ref + dpre32.abs().max().item() / 128
-    dw, db2 = gelu_lt.wgrad_bgradb(dpre, x)  # a weight gradient with its bias's (the sum over the m rows)
-    dw32, db32 = dpre.float().t() @ x.float(), dpre.float().sum(0)
-    torch.testing.assert_close(dw.float(), dw32, rtol=0.02, atol=0.02 * dw32.abs().max().item())
-    torch.testing.assert_close(db2.float(), db32, rtol=0.02, atol=0.02 * db32.abs().max().item())
 
 
 @_CUDA
