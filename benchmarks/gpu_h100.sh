@@ -91,11 +91,12 @@ b --manifest $Q15 --label q15-bs64-fp8-graphs --set search.space.batch_size=64 -
 b --manifest $Q5 --label q05-bs16-fp8-graphs --set training.fp8=true --modes product --steps 20 --rounds 5
 b --manifest $Q5 --label q05-bs16-fp8-nographs --set training.fp8=true --modes product --steps 20 --rounds 5 --no-cudagraphs
 b --manifest $Q15 --label q15-bs64-fp8-nographs --set search.space.batch_size=64 --set training.fp8=true --modes product --steps 6 --no-cudagraphs
-# 2026-11-28 (twelfth session): training.gelu_epilogue (GELU, tanh form, in cuBLASLt's matmul epilogues) against the
-# same step without it, each its own process, twice in turn
-b --manifest $VB --label vitb-bs512-erf --set search.space.batch_size=512 --modes product
+# 2026-11-28 (twelfth session): training.gelu_epilogue (GELU, tanh form, in cuBLASLt's matmul epilogues; on in the
+# ViT-B/14 manifest since then, so the rows above that name $VB run with it) against the same step without it,
+# each its own process, twice in turn
+b --manifest $VB --label vitb-bs512-erf --set search.space.batch_size=512 --set training.gelu_epilogue=false --modes product
 b --manifest $VB --label vitb-bs512-gelu-lt --set search.space.batch_size=512 --set training.gelu_epilogue=true --modes product
-b --manifest $VB --label vitb-bs512-erf-2 --set search.space.batch_size=512 --modes product
+b --manifest $VB --label vitb-bs512-erf-2 --set search.space.batch_size=512 --set training.gelu_epilogue=false --modes product
 b --manifest $VB --label vitb-bs512-gelu-lt-2 --set search.space.batch_size=512 --set training.gelu_epilogue=true --modes product
 b --manifest $VB --label vitb-bs128-gelu-lt-vs-plain --set training.gelu_epilogue=true --modes product,plain,plain-clip
 # Commit 46e3662 also had the backward's other forms as rows (SWEEPER_GELU_LT_BWD=bgrad, torch, dgelu-wb: DGELU_BGRAD, the

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import sys
@@ -291,7 +292,9 @@ def main(argv=None):
         def run_loader():
             n = 0
             t = None
-            for i, b in enumerate(p.train_loader(1)):
+            # epochs one after another (a large batch leaves few batches an epoch)
+            batches = itertools.chain.from_iterable(p.train_loader(e) for e in itertools.count(1))
+            for i, b in enumerate(batches):
                 if i == a.warmup:
                     _sync(dev)
                     t = time.perf_counter()

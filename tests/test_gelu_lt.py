@@ -209,3 +209,25 @@ def test_gelu_epilogue_compiled_step_on_cuda():
         finally:
             gelu_lt._lt_ok = orig
     assert all(v == v for v in losses[True]) and losses[True] == pytest.approx(losses[False], rel=0.05)
+
+
+def test_gelu_lt_build_failure_is_one_message(tmp_path, monkeypatch):
+    """The kernels' build runs the real C compiler: a toolkit whose cuBLASLt header does not compile gives one
+    RuntimeError naming the setting, the file and the compiler's complaint (use_gelu_epilogue turns it into the
+    trial's UserError), and leaves no half-written library in the cache; nothing is cached for a failed build.
+    A PyTorch without CUDA is named as the reason on a CUDA device."""
+    import shutil
+
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    (tmp_path / "cuda" / "include").mkdir(parents=True)
+    (tmp_path / "cuda" / "include" / "cublasLt.h").write_text("this is not C;\n")
+    monkeypatch.setattr(gelu_lt, "_cuda_home", lambda: tmp_path / "cuda")
+    monkeypatch.setattr(gelu_lt, "_LIB", None)
+    monkeypatch.setenv("SWEEPER_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(RuntimeError, match=r"(?s)training.gelu_epilogue: building gelu_lt.c failed: .*cublasLt.h"):
+        gelu_lt.library()
+    assert list((tmp_path / "cache").iterdir()) == [] and gelu_lt._LIB is None
+    if torch.version.cuda is None:
+        assert gelu_lt.why_not_ready(torch.device("cuda")) == "this PyTorch was built without CUDA"
+    assert gelu_lt.why_not_ready(torch.device("cpu")) is None

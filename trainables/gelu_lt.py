@@ -14,8 +14,12 @@ backward 6.65 against 7.67 ms (Inductor's erf GELU), the product's step 179.97 a
 BGRADB (the bias sums in the weight-gradient matmuls) no faster than PyTorch's matmul and sum: not used.
 
 cuBLASLt's GELU is the tanh form (PyTorch's ``gelu(approximate="tanh")``), not the erf form DINOv2 was
-trained with, so this changes the numerics: off by default, and benchmarks/curves_h100.sh (``vitb-gelu``)
-has its loss curve against the erf MLP.
+trained with, so this changes the numerics: off by default (the ViT-B/14 GPU manifest turns it on), and
+benchmarks/curves_h100.sh (``vitb-gelu``) has its loss curve against the erf MLP: closer to it than an erf run
+with another batch order.
+
+One workspace per GPU serves every call, on the caller's (current) stream: the MLP must not run on two streams
+of one device at once (the Stepper runs the blocks on one).
 
 The kernels are cuBLASLt's own (``csrc/gelu_lt.c``, called through ctypes; the C file is built with the
 system's C compiler against the CUDA toolkit's ``cublasLt.h`` the first time it is needed, in about a
@@ -79,8 +83,9 @@ def why_not_ready(device: torch.device) -> str | None:
     return None
 
 
-def _library() -> ctypes.CDLL:
-    """The built ``csrc/gelu_lt.c``, built on first use (per content, toolkit and compiler)."""
+def library() -> ctypes.CDLL:
+    """The built ``csrc/gelu_lt.c``, built on first use (per content, toolkit and compiler; a trial builds it when
+    it converts its blocks, so a failure is reported then, naming the setting)."""
     global _LIB
     with _LOCK:
         if _LIB is not None:
@@ -126,7 +131,7 @@ def _workspace(device: torch.device) -> torch.Tensor:
 
 
 def _call(name: str, dims: tuple[int, int, int], *tensors: torch.Tensor) -> None:
-    lib = _library()
+    lib = library()
     dev = tensors[0].device
     ws = _workspace(dev)
     status = getattr(lib, name)(*dims, *(t.data_ptr() for t in tensors), ws.data_ptr(), _WORKSPACE,

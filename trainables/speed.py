@@ -833,7 +833,7 @@ def use_gelu_epilogue(knob: bool, family, model: nn.Module, device: torch.device
     from sweeper.errors import UserError
     from sweeper.manifest import GELU_EPILOGUE_NEEDS
 
-    from .gelu_lt import convert_layers, why_not_ready
+    from .gelu_lt import convert_layers, library, why_not_ready
 
     if not family.info.gelu_mlp:
         raise UserError(f"training.gelu_epilogue: {family.info.name} has no GELU MLP (DINOv2's blocks have one)")
@@ -843,6 +843,12 @@ def use_gelu_epilogue(knob: bool, family, model: nn.Module, device: torch.device
     why = why_not_ready(device)
     if why:
         raise UserError(f"training.gelu_epilogue: {why}")
+    if device.type == "cuda":
+        try:
+            library()  # built now: a compiler's complaint is the trial's one message, not a traceback mid-step
+        except (RuntimeError, OSError) as e:
+            raise UserError(str(e) if str(e).startswith("training.gelu_epilogue") else
+                            f"training.gelu_epilogue: loading the cuBLASLt kernels failed: {e}") from None
     n = convert_layers(repeated_blocks(model, min_len=1))
     log.info("GELU (tanh form) in the matmul epilogues of %d blocks' MLPs (training.gelu_epilogue)", n)
     return n
