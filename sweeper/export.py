@@ -71,7 +71,10 @@ def export_checkpoint(loaded: Loaded, sweep_dir: Path, ckpt: str, state: dict, *
     meta = {"weights": weights, "encrypted": encrypt, "key_env": key_env if encrypt else None,
             "cipher": "Fernet (AES-128-CBC + HMAC-SHA256), chunked; see docs/encryption.md" if encrypt else None,
             "sha256_plaintext": sha, "source_checkpoint": str(Path(ckpt).resolve()), "config": config,
-            "trainable": m.trainable, "model": m.model.model_dump()}
+            "trainable": m.trainable, "model": m.model.model_dump(),
+            # training.gelu_epilogue trained (and the test report evaluated) the MLPs with the tanh GELU: a loader
+            # of these weights builds the model with hidden_act gelu_pytorch_tanh to compute the same function
+            **({"hidden_act": "gelu_pytorch_tanh"} if m.training.gelu_epilogue else {})}
     atomic_write_text(tmp / EXPORT_META, json.dumps(meta, indent=2, default=str))
     fsync_dir(tmp)
     if out.exists():

@@ -622,6 +622,11 @@ def evaluate(manifest: dict, config: dict, weights: str, split: str = "test", ro
     ds = splits.get(split, role)
     model = family.build_model(manifest["model"], splits, hp)
     model.load_state_dict(ckpt_mod.load_weights_file(weights))
+    if manifest["training"].get("gelu_epilogue"):  # the function the trials trained: the tanh GELU
+        from trainables.gelu_lt import tanh_layers
+        from trainables.speed import repeated_blocks
+
+        tanh_layers(repeated_blocks(model, min_len=1))
     model.eval()
     # on the GPU when the sweep trained on one and this process has one (the export after a GPU
     # sweep: a 0.5B model's test split took ~2.5 min on the driver's CPU), with the trials' bf16

@@ -24,7 +24,7 @@ def _reference(x, w1, b1, w2, b2):
     return F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2)
 
 
-def _operands(m=37, d=16, f=64, e=16, dtype=torch.float32, device="cpu"):
+def _operands(m=37, d=16, f=64, e=24, dtype=torch.float32, device="cpu"):
     g = torch.Generator().manual_seed(0)
     return [torch.randn(*s, generator=g).mul(0.5).to(device, dtype).requires_grad_()
             for s in ((m, d), (f, d), (f,), (e, f), (e,))]
@@ -42,7 +42,7 @@ def test_gelu_mlp_equals_autograd_on_cpu(compiled):
     """The fused MLP's output and all five gradients (input, both weights, both biases) equal autograd's on the
     tanh-GELU MLP, eager and under torch.compile (the custom ops' fake forms); 3-D inputs keep their shape."""
     ops = _operands()
-    dy = torch.randn(37, 16, generator=torch.Generator().manual_seed(1))
+    dy = torch.randn(37, 24, generator=torch.Generator().manual_seed(1))  # e = 24 != d = 16
     fn = torch.compile(gelu_lt.gelu_mlp, fullgraph=True) if compiled else gelu_lt.gelu_mlp
     y0, g0 = _grads(_reference, ops, dy)
     y1, g1 = _grads(fn, ops, dy)
@@ -51,7 +51,7 @@ def test_gelu_mlp_equals_autograd_on_cpu(compiled):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(y0, F.linear(F.gelu(F.linear(*ops[:3])), *ops[3:]))  # tanh is not erf here
     x3 = ops[0].detach().reshape(1, 37, 16)
-    assert gelu_lt.gelu_mlp(x3, *ops[1:]).shape == (1, 37, 16)
+    assert gelu_lt.gelu_mlp(x3, *ops[1:]).shape == (1, 37, 24)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert gelu_lt.gelu_mlp(*ops).dtype == torch.bfloat16
 
@@ -148,7 +148,9 @@ def test_gelu_epilogue_trial_and_setting(tmp_path):
             mf.load(demo, ["training.gelu_epilogue=true", *over])
     dino = ROOT / "search_spaces/dinov2-tiny_classifier_cpu.yaml"
     for over, why in ((["training.fp8=true", "training.strategy=plain"], "not with `training.fp8`"),
-                      (["training.strategy=deepspeed"], "DeepSpeed"), (["training.strategy=lightning"], "Lightning")):
+                      (["training.strategy=deepspeed"], "DeepSpeed"), (["training.strategy=lightning"], "Lightning"),
+                      (["training.strategy=ddp", "resources.workers=2"], "2 workers"),
+                      (["training.strategy=plain", "training.precision=fp32"], "precision fp32")):
         with pytest.raises(UserError, match="training.gelu_epilogue.*" + why):
             mf.load(dino, ["training.gelu_epilogue=true", *over])
     family, dm = registry.get("dinov2_classifier"), m()
@@ -160,6 +162,41 @@ def test_gelu_epilogue_trial_and_setting(tmp_path):
         speed.use_gelu_epilogue(True, family, model, torch.device("cpu"), strategy="deepspeed")
     with pytest.raises(UserError, match="has no GELU MLP"):
         speed.use_gelu_epilogue(True, registry.get("qwen_regression"), model, torch.device("cpu"))
+    with pytest.raises(UserError, match="training.gelu_epilogue: .*2 worker"):
+        speed.use_gelu_epilogue(True, family, model, torch.device("cpu"), strategy="ddp", world=2)
+
+
+def test_evaluation_off_the_trial_is_the_tanh_model(tmp_path):
+    """The export's test report (``sweeper.trial.evaluate``) scores weights trained with the setting on the tanh
+    model the trial trained: ``tanh_layers`` gives the converted model's outputs exactly, and the report differs
+    from the erf model's on the same weights."""
+    from sweeper import checkpoint as ckpt_mod
+    from sweeper.trial import evaluate
+    from trainables import registry
+    from trainables.base import HParams, cached_splits
+    from trainables.speed import repeated_blocks
+
+    m = resolved(TINY_DINO, ["training.strategy=plain", "training.precision=bf16", "training.gelu_epilogue=true"])
+    family, hp = registry.get("dinov2_classifier"), {"lr": 1e-3, "batch_size": 16}
+    hps = HParams.from_config(hp, family.info.hyperparameters)
+    splits = cached_splits(family, m["data"], m["model"])
+    model = family.build_model(m["model"], splits, hps)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    assert gelu_lt.convert_layers(repeated_blocks(a, min_len=1)) == gelu_lt.tanh_layers(repeated_blocks(b, min_len=1)) > 0
+    x = torch.randn(2, 3, 28, 28)
+    torch.testing.assert_close(family.forward(a, x), family.forward(b, x), rtol=1e-5, atol=1e-5)
+    weights = tmp_path / "w.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    assert ckpt_mod.load_weights_file(weights).keys() == model.state_dict().keys()
+    on = evaluate(m, hp, str(weights), "test", "report")
+    off = evaluate({**m, "training": {**m["training"], "gelu_epilogue": False}}, hp, str(weights), "test", "report")
+    assert on.keys() == off.keys() and on["test_loss"] != off["test_loss"]
+    assert on["test_loss"] == pytest.approx(off["test_loss"], rel=0.05)
 
 
 @_CUDA
@@ -169,11 +206,19 @@ def test_gelu_lt_kernels_on_cuda(m):
     path makes (twice its error against fp32, plus bf16's last bit), for a row count that is no multiple of any
     tile."""
     d, f = 64, 256
-    x, w1, b1, w2, _ = (o.detach() for o in _operands(m, d, f, d, torch.bfloat16, "cuda"))
-    dy = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)
+    x, w1, b1, w2, _ = (o.detach() for o in _operands(m, d, f, 2 * d, torch.bfloat16, "cuda"))
+    dy = torch.randn(m, 2 * d, device="cuda", dtype=torch.bfloat16)
+    ran = []
+    real = gelu_lt._call
+    monkey = lambda *a: ran.append(a[0]) or real(*a)  # noqa: E731 - counts the cuBLASLt calls that ran
+    gelu_lt._call = monkey
     assert gelu_lt.why_not_ready(torch.device("cuda")) is None
-    act, pre = gelu_lt.linear_gelu(x, w1, b1)
-    dpre = gelu_lt.dgelu(dy, w2, pre)
+    try:
+        act, pre = gelu_lt.linear_gelu(x, w1, b1)
+        dpre = gelu_lt.dgelu(dy, w2, pre)
+    finally:
+        gelu_lt._call = real
+    assert ran == ["lt_linear_gelu", "lt_dgelu"]  # cuBLASLt's kernels, not the plain path
     pre32 = F.linear(x.float(), w1.float(), b1.float())
     act32 = F.gelu(pre32, approximate="tanh")
     dpre32 = torch.ops.aten.gelu_backward(dy.float() @ w2.float(), pre.float(), approximate="tanh")
@@ -201,14 +246,17 @@ def test_gelu_epilogue_compiled_step_on_cuda():
         torch.manual_seed(0)
         p = speed.prepare({"lr": 1e-3, "batch_size": 16}, TrialSpec(manifest=m), None)
         assert p.stepper.gelu_epilogue >= 1 and p.stepper.compiled
-        orig = gelu_lt._lt_ok
+        orig, real, ran = gelu_lt._lt_ok, gelu_lt._call, []
         if not lt:
             gelu_lt._lt_ok = lambda *t: False
+        gelu_lt._call = lambda *a: ran.append(a[0]) or real(*a)
         try:
             losses[lt] = [float(p.stepper.step(b)) for _ in range(2) for b in p.train_loader(0)]
         finally:
-            gelu_lt._lt_ok = orig
-    assert all(v == v for v in losses[True]) and losses[True] == pytest.approx(losses[False], rel=0.05)
+            gelu_lt._lt_ok, gelu_lt._call = orig, real
+        assert (len(ran) > 0) == lt  # the kernels ran in one arm only
+    assert all(v == v for v in losses[True]) and losses[True][0] == pytest.approx(losses[False][0], rel=0.01)
+    assert losses[True] == pytest.approx(losses[False], rel=0.05)
 
 
 def test_gelu_lt_build_failure_is_one_message(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@
 
 Measured on the H100 (ViT-B/14, batch 512; benchmarks/results/gpu_2026-11-28-twelfth.md): the MLP's forward +
 backward 6.65 against 7.67 ms (Inductor's erf GELU), the product's step 179.97 against 189.90 ms (40.0 % against
-37.9 % MFU). cuBLASLt's DGELU_BGRAD (the bias sum in the epilogue too) ran 3.47 ms against 1.20 ms for DGELU, and
+37.9 % MFU). cuBLASLt's DGELU_BGRAD (the bias sum in the epilogue too) ran 3.47 ms against 1.22 ms for DGELU, and
 BGRADB (the bias sums in the weight-gradient matmuls) no faster than PyTorch's matmul and sum: not used.
 
 cuBLASLt's GELU is the tanh form (PyTorch's ``gelu(approximate="tanh")``), not the erf form DINOv2 was
@@ -38,6 +38,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -78,8 +79,9 @@ def why_not_ready(device: torch.device) -> str | None:
         return "this PyTorch was built without CUDA"
     if _cuda_home() is None:
         return "no CUDA toolkit with cublasLt.h found (set CUDA_HOME)"
-    if shutil.which(os.environ.get("CC", "cc")) is None:
-        return f"no C compiler ({os.environ.get('CC', 'cc')}) to build trainables/csrc/gelu_lt.c"
+    cc = (shlex.split(os.environ.get("CC", "cc")) or ["cc"])[0]
+    if shutil.which(cc) is None:
+        return f"no C compiler ({cc}; set CC) to build trainables/csrc/gelu_lt.c"
     return None
 
 
@@ -93,23 +95,39 @@ def library() -> ctypes.CDLL:
         home = _cuda_home()
         if home is None:
             raise RuntimeError("training.gelu_epilogue: no CUDA toolkit with cublasLt.h found (set CUDA_HOME)")
-        cc = os.environ.get("CC", "cc")
-        key = hashlib.sha256(_SRC.read_bytes() + str(home).encode() + cc.encode()).hexdigest()[:16]
+        home = home.resolve()
+        cc = shlex.split(os.environ.get("CC", "cc"))
+        # the key: this source, the toolkit's cuBLASLt header (its version), where it is, and the compiler
+        key = hashlib.sha256(b"\0".join([_SRC.read_bytes(), (home / "include" / "cublasLt.h").read_bytes(),
+                                          str(home).encode(), " ".join(cc).encode()])).hexdigest()[:16]
         cache = Path(os.environ.get("SWEEPER_CACHE", Path.home() / ".cache" / "sweeper"))
         so = cache / f"gelu_lt-{key}.so"
+        if cache.exists():  # it loads code: only from a directory that no one else can write
+            st = cache.stat()
+            if st.st_uid != os.getuid() or st.st_mode & 0o022:
+                raise RuntimeError(f"training.gelu_epilogue: {cache} is writable by others or not ours; "
+                                   "set SWEEPER_CACHE to a private directory")
         if not so.exists():
-            cache.mkdir(parents=True, exist_ok=True)
+            cache.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
             os.close(fd)
-            lib = next((p for p in (home / "lib64", home / "lib", home / "targets/x86_64-linux/lib")
-                        if (p / "libcublasLt.so").exists()), home / "lib64")
-            cmd = [cc, "-O2", "-shared", "-fPIC", str(_SRC), f"-I{home / 'include'}", f"-L{lib}", "-lcublasLt",
-                   "-o", tmp]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode != 0:
-                os.unlink(tmp)
-                raise RuntimeError(f"training.gelu_epilogue: building {_SRC.name} failed: {' '.join(cmd)}\n{r.stderr}")
-            os.replace(tmp, so)  # atomic: concurrent trials each build, one file wins
+            try:
+                lib = next((p for p in (home / "lib64", home / "lib", home / "targets/x86_64-linux/lib",
+                                        home / "targets/sbsa-linux/lib") if (p / "libcublasLt.so").exists()),
+                           home / "lib64")
+                cmd = [*cc, "-O2", "-shared", "-fPIC", "-pthread", str(_SRC), f"-I{home / 'include'}", f"-L{lib}",
+                       "-lcublasLt", "-o", tmp]
+                try:
+                    r = subprocess.run(cmd, capture_output=True, text=True)
+                except OSError as e:
+                    raise RuntimeError(f"training.gelu_epilogue: building {_SRC.name} failed: {' '.join(cmd)}: {e}")
+                if r.returncode != 0:
+                    raise RuntimeError(f"training.gelu_epilogue: building {_SRC.name} failed: {' '.join(cmd)}\n"
+                                       f"{r.stderr}")
+                os.replace(tmp, so)  # atomic: concurrent trials each build, one file wins
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
             log.info("built %s (%s)", so, " ".join(cmd))
         lib = ctypes.CDLL(str(so))
         for name in ("lt_linear_gelu", "lt_dgelu"):
@@ -130,31 +148,47 @@ def _workspace(device: torch.device) -> torch.Tensor:
     return _WS[idx]
 
 
-def _call(name: str, dims: tuple[int, int, int], *tensors: torch.Tensor) -> None:
+_NOT_SUPPORTED = 15  # CUBLAS_STATUS_NOT_SUPPORTED: no algorithm for this shape (the caller takes the plain path)
+_UNSUPPORTED: set[tuple] = set()
+
+
+def _call(name: str, dims: tuple[int, int, int], *tensors: torch.Tensor) -> bool:
+    """Run ``name`` on the current stream. False where cuBLASLt has no algorithm for the shape (logged once per
+    shape; the op then computes the plain form); any other failure raises."""
+    if (name, dims) in _UNSUPPORTED:
+        return False
     lib = library()
     dev = tensors[0].device
     ws = _workspace(dev)
     status = getattr(lib, name)(*dims, *(t.data_ptr() for t in tensors), ws.data_ptr(), _WORKSPACE,
                                 torch.cuda.current_stream(dev).cuda_stream, ALGO[name])
+    if status == _NOT_SUPPORTED and ALGO[name] == 0:
+        _UNSUPPORTED.add((name, dims))
+        log.warning("cuBLASLt has no %s for shape %s: PyTorch's matmul and GELU run there instead", name, dims)
+        return False
     if status != 0:
         raise RuntimeError(f"cuBLASLt {name} {dims}: {lib.lt_status_string(status).decode()} ({status})")
+    return True
 
 
 def _lt_ok(*tensors: torch.Tensor) -> bool:
-    """The cuBLASLt kernels take bf16, contiguous, 16-byte-aligned CUDA operands."""
-    return all(t.is_cuda and t.dtype == torch.bfloat16 and t.is_contiguous() and t.data_ptr() % 16 == 0
+    """The cuBLASLt kernels take bf16, contiguous, 256-byte-aligned CUDA operands (the heuristic is asked without
+    alignment preferences, so it assumes 256 bytes; fresh allocations have it, an offset view may not and takes
+    the plain path)."""
+    return all(t.is_cuda and t.dtype == torch.bfloat16 and t.is_contiguous() and t.data_ptr() % 256 == 0
                for t in tensors)
 
 
 @torch.library.custom_op("sweeper::lt_linear_gelu", mutates_args=())
 def linear_gelu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(gelu_tanh(x wᵀ + b), x wᵀ + b)`` for x [M, d], w [f, d], b [f]."""
-    if _lt_ok(x, w, b) and w.shape[0] % 8 == 0:
+    torch._check(x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1] and b.shape == (w.shape[0],),
+                 lambda: f"linear_gelu: x {tuple(x.shape)}, w {tuple(w.shape)}, b {tuple(b.shape)}")
+    if _lt_ok(x, w, b) and w.shape[0] % 8 == 0 and x.shape[1] % 8 == 0:
         m, d, f = x.shape[0], x.shape[1], w.shape[0]
         act, pre = x.new_empty(m, f), x.new_empty(m, f)
-        if m:
-            _call("lt_linear_gelu", (m, d, f), x, w, b, act, pre)
-        return act, pre
+        if not m or _call("lt_linear_gelu", (m, d, f), x, w, b, act, pre):
+            return act, pre
     pre = F.linear(x, w, b)
     return F.gelu(pre, approximate="tanh"), pre
 
@@ -167,12 +201,14 @@ def _(x, w, b):
 @torch.library.custom_op("sweeper::lt_dgelu", mutates_args=())
 def dgelu(dy: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
     """``(dy w2) ∘ gelu_tanh'(pre)``; dy [M, e], w2 [e, f]."""
-    if _lt_ok(dy, w2, pre) and w2.shape[1] % 8 == 0:
+    torch._check(dy.dim() == 2 and w2.dim() == 2 and dy.shape[1] == w2.shape[0]
+                 and pre.shape == (dy.shape[0], w2.shape[1]),
+                 lambda: f"dgelu: dy {tuple(dy.shape)}, w2 {tuple(w2.shape)}, pre {tuple(pre.shape)}")
+    if _lt_ok(dy, w2, pre) and w2.shape[1] % 8 == 0 and dy.shape[1] % 8 == 0:
         m, e, f = dy.shape[0], dy.shape[1], w2.shape[1]
         dpre = dy.new_empty(m, f)
-        if m:
-            _call("lt_dgelu", (m, e, f), dy, w2, pre, dpre, dpre)
-        return dpre
+        if not m or _call("lt_dgelu", (m, e, f), dy, w2, pre, dpre, dpre):
+            return dpre
     return torch.ops.aten.gelu_backward(dy @ w2, pre, approximate="tanh")
 
 
@@ -249,6 +285,21 @@ def convertible(mlp: nn.Module) -> bool:
     gelu = type(act).__name__ in ("GELUActivation", "GELU", "GELUTanh", "NewGELUActivation", "PytorchGELUTanh")
     return (type(fc1) is nn.Linear and type(fc2) in (nn.Linear, LayerScaledLinear) and gelu
             and fc1.bias is not None and fc2.bias is not None)
+
+
+def tanh_layers(blocks: nn.ModuleList | None) -> int:
+    """The same function as ``convert_layers`` gives, in plain PyTorch: each convertible MLP's activation
+    replaced by ``nn.GELU(approximate="tanh")``. For evaluating weights that a trial trained with
+    ``training.gelu_epilogue`` off the trial (the export's test report), where the kernels are not needed and the
+    machine may have no toolkit. Returns how many changed."""
+    n = 0
+    for layer in blocks or []:
+        mlp = getattr(layer, "mlp", None)
+        if mlp is not None and not isinstance(mlp, GeluEpilogueMLP) and convertible(mlp):
+            name = next(k for k in dict(mlp.named_children()) if k not in ("fc1", "fc2"))
+            setattr(mlp, name, nn.GELU(approximate="tanh"))
+            n += 1
+    return n
 
 
 def convert_layers(blocks: nn.ModuleList | None) -> int:

@@ -825,9 +825,10 @@ def use_gelu_epilogue(knob: bool, family, model: nn.Module, device: torch.device
                       world: int = 1, ddp_impl: str = "blocks") -> int:
     """``training.gelu_epilogue``: the blocks' GELU MLPs made ``trainables.gelu_lt.GeluEpilogueMLP`` (GELU, in
     its tanh form, inside cuBLASLt's matmul epilogues). Returns how many. Refused, naming the field, for a
-    family without such MLPs, together with ``training.fp8``, off the fast path's own step (the MLP's forward
-    reads its linear layers' weights itself, which DeepSpeed ZeRO-3 gathers only for their own forward), and
-    on a CUDA machine that cannot build the kernels. Applied through ``transform_blocks``."""
+    family without such MLPs, together with ``training.fp8``, off the fast path's own step in one process (the
+    MLP's forward reads its linear layers' weights itself, which DeepSpeed ZeRO-3 gathers only for their own
+    forward; several workers are not tested), and on a CUDA machine that cannot build the kernels. Applied
+    through ``transform_blocks``."""
     if not knob:
         return 0
     from sweeper.errors import UserError
@@ -837,7 +838,7 @@ def use_gelu_epilogue(knob: bool, family, model: nn.Module, device: torch.device
 
     if not family.info.gelu_mlp:
         raise UserError(f"training.gelu_epilogue: {family.info.name} has no GELU MLP (DINOv2's blocks have one)")
-    if not one_fast_process(strategy, world, ddp_impl):
+    if not one_fast_process(strategy, world, ddp_impl) or world > 1:
         raise UserError(f"training.gelu_epilogue: {GELU_EPILOGUE_NEEDS}, but this trial runs strategy {strategy}"
                         f"{_impl(strategy, world, ddp_impl)}, {world} worker(s)")
     why = why_not_ready(device)
@@ -847,8 +848,9 @@ def use_gelu_epilogue(knob: bool, family, model: nn.Module, device: torch.device
         try:
             library()  # built now: a compiler's complaint is the trial's one message, not a traceback mid-step
         except (RuntimeError, OSError) as e:
-            raise UserError(str(e) if str(e).startswith("training.gelu_epilogue") else
-                            f"training.gelu_epilogue: loading the cuBLASLt kernels failed: {e}") from None
+            msg = str(e) if str(e).startswith("training.gelu_epilogue") else \
+                f"training.gelu_epilogue: loading the cuBLASLt kernels failed: {e}"
+            raise UserError(f"{msg}\n(set training.gelu_epilogue: false to train with PyTorch's GELU instead)") from None
     n = convert_layers(repeated_blocks(model, min_len=1))
     log.info("GELU (tanh form) in the matmul epilogues of %d blocks' MLPs (training.gelu_epilogue)", n)
     return n

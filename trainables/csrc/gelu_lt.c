@@ -10,7 +10,7 @@
  *   forward:  A = W1 stored as [d, f] (ld d), op = T;  epilogue GELU_AUX_BIAS: D = gelu(AB + bias), aux = AB + bias
  *   backward: A = W2 stored as [f, e] (ld f), op = N;  epilogue DGELU: D = AB * gelu'(aux).
  * b1's gradient (dpre's row sums) is left to PyTorch: cuBLASLt's DGELU_BGRAD, which also sums it, ran 3.47 ms
- * against 1.20 ms for DGELU at ViT-B/14's batch 512 on the H100 (benchmarks/results/gpu_2026-11-28-twelfth.md).
+ * against 1.22 ms for DGELU at ViT-B/14's batch 512 on the H100 (benchmarks/results/gpu_2026-11-28-twelfth.md).
  * cuBLASLt's GELU is the tanh form (PyTorch's gelu(approximate="tanh")).
  *
  * Every call runs the heuristic's choice number `which` (0: its first) of up to 16 for the shape (the answers
@@ -18,16 +18,21 @@
  * with the caller's workspace, so it works under CUDA graph capture. Returns a cublasStatus_t (0 is success;
  * NOT_SUPPORTED also where `which` is past the choices the heuristic gave). */
 #include <cublasLt.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 
+/* One handle and one cache per process, for the one GPU a trial's process uses; the lock guards both (ctypes
+ * releases the GIL, and autograd runs the backward on its own thread). */
 static cublasLtHandle_t handle;
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 
 const char *lt_status_string(int status) { return cublasLtGetStatusString((cublasStatus_t)status); }
 
 #define CHECK(x) do { cublasStatus_t s_ = (x); if (s_ != CUBLAS_STATUS_SUCCESS) { st = s_; goto done; } } while (0)
 
-/* A small cache of heuristic answers: (epilogue, m, n, k, workspace) -> up to ALGOS algos, best first. */
+/* A small cache of heuristic answers: (epilogue, which fixes the operations and leading dimensions, m, n, k,
+ * workspace) -> up to ALGOS algos, best first. */
 #define ALGOS 16
 typedef struct { int epi, m, n, k; size_t ws; int used, count; cublasLtMatmulAlgo_t algo[ALGOS]; } entry_t;
 #define CACHE 64
@@ -42,9 +47,11 @@ static int matmul(cublasLtEpilogue_t epi, cublasOperation_t ta, int m, int n, in
     cublasLtMatmulPreference_t pref = NULL;
     cublasOperation_t tb = CUBLAS_OP_N;
     float one = 1.0f, zero = 0.0f;
-    entry_t *hit = NULL;
-    int i;
+    cublasLtMatmulAlgo_t algo;
+    int i, hit = -1, locked = 0;
 
+    pthread_mutex_lock(&lock);
+    locked = 1;
     if (!handle) CHECK(cublasLtCreate(&handle));
     CHECK(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
@@ -61,8 +68,8 @@ static int matmul(cublasLtEpilogue_t epi, cublasOperation_t ta, int m, int n, in
 
     for (i = 0; i < CACHE; i++)
         if (cache[i].used && cache[i].epi == (int)epi && cache[i].m == m && cache[i].n == n && cache[i].k == k
-            && cache[i].ws == ws_size) { hit = &cache[i]; break; }
-    if (!hit) {
+            && cache[i].ws == ws_size) { hit = i; break; }
+    if (hit < 0) {
         cublasLtMatmulHeuristicResult_t res[ALGOS];
         int found = 0, j;
         memset(res, 0, sizeof(res));
@@ -76,12 +83,16 @@ static int matmul(cublasLtEpilogue_t epi, cublasOperation_t ta, int m, int n, in
         cache[i].epi = (int)epi; cache[i].m = m; cache[i].n = n; cache[i].k = k; cache[i].ws = ws_size;
         for (j = 0; j < found; j++) cache[i].algo[j] = res[j].algo;
         cache[i].count = found; cache[i].used = 1;
-        hit = &cache[i];
+        hit = i;
     }
-    if (which < 0 || which >= hit->count) { st = CUBLAS_STATUS_NOT_SUPPORTED; goto done; }
-    CHECK(cublasLtMatmul(handle, op, &one, A, la, B, lb, &zero, D, ld, D, ld, &hit->algo[which], ws, ws_size,
+    if (which < 0 || which >= cache[hit].count) { st = CUBLAS_STATUS_NOT_SUPPORTED; goto done; }
+    algo = cache[hit].algo[which];
+    pthread_mutex_unlock(&lock);
+    locked = 0;
+    CHECK(cublasLtMatmul(handle, op, &one, A, la, B, lb, &zero, D, ld, D, ld, &algo, ws, ws_size,
                          (cudaStream_t)stream));
 done:
+    if (locked) pthread_mutex_unlock(&lock);
     if (pref) cublasLtMatmulPreferenceDestroy(pref);
     if (ld) cublasLtMatrixLayoutDestroy(ld);
     if (lb) cublasLtMatrixLayoutDestroy(lb);
