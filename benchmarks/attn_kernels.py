@@ -13,8 +13,13 @@ attention TFLOP/s counted at 257 tokens, and the largest difference from cuDNN's
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.jsonl import emit  # noqa: E402
 
 
 def main(argv=None):
@@ -93,11 +98,8 @@ def main(argv=None):
             ms = statistics.median(times[n])
             r.update(ms=round(ms, 3), rounds=[round(t, 3) for t in times[n]],
                      ratio_vs_cudnn=round(ms / base, 4) if base else None, tflops=round(flops / ms / 1e9, 1))
-        row = dict(variant=n, B=B, H=H, S=S, D=D, device=torch.cuda.get_device_name(), torch=torch.__version__, **r)
-        print(json.dumps(row), flush=True)
-        if a.out:
-            with open(a.out, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+        emit(dict(variant=n, B=B, H=H, S=S, D=D, device=torch.cuda.get_device_name(), torch=torch.__version__, **r),
+             a.out)
 
 
 if __name__ == "__main__":

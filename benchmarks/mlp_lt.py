@@ -19,6 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.jsonl import cuda_ms, cuda_rounds, emit  # noqa: E402
+
 
 def main(argv=None):
     import torch
@@ -70,14 +72,7 @@ def main(argv=None):
     times: dict[str, list[float]] = {n: [] for n in variants}
     for _ in range(a.rounds):
         for name, fn in variants.items():
-            torch.cuda.synchronize()
-            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            t0.record()
-            for _ in range(a.iters):
-                step(fn)
-            t1.record()
-            torch.cuda.synchronize()
-            times[name].append(t0.elapsed_time(t1) / a.iters)
+            times[name].append(cuda_rounds(lambda fn=fn: step(fn), a.iters))
     if a.algos:
         gemm_algos(a, x, w1, b1, w2, dy)
     base = statistics.median(times["erf-compiled"])
@@ -88,26 +83,7 @@ def main(argv=None):
                    ratio_to_erf_compiled=round(ms / base, 4), tflops=round(flops / ms / 1e9, 1),
                    max_diff_y=diffs[name][0], max_diff_dx=diffs[name][1],
                    device=torch.cuda.get_device_name(), torch=torch.__version__)
-        print(json.dumps(row), flush=True)
-        if a.out:
-            with open(a.out, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
-
-
-def _ms(fn, iters, rounds):
-    import torch
-
-    out = []
-    for _ in range(rounds):
-        torch.cuda.synchronize()
-        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        t0.record()
-        for _ in range(iters):
-            fn()
-        t1.record()
-        torch.cuda.synchronize()
-        out.append(t0.elapsed_time(t1) / iters)
-    return statistics.median(out)
+        emit(row, a.out)
 
 
 def gemm_algos(a, x, w1, b1, w2, dy):
@@ -146,16 +122,12 @@ def gemm_algos(a, x, w1, b1, w2, dy):
         gelu_lt.ALGO[name.split("+")[0]] = 0
     for name, fn in rows.items():
         fn()
-    res = {name: _ms(fn, a.iters, a.rounds) for name, fn in rows.items()}
+    res = {name: cuda_ms(fn, a.iters, a.rounds) for name, fn in rows.items()}
     for k in gelu_lt.ALGO:
         gelu_lt.ALGO[k] = 0
     for name, ms in res.items():
         base = res["torch-fwd" if name == "torch-fwd" or "linear" in name else "torch-bwd"]
-        row = dict(kernel=name, ms=round(ms, 3), ratio_to_torch=round(ms / base, 4), rows=x.shape[0])
-        print(json.dumps(row), flush=True)
-        if a.out:
-            with open(a.out, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+        emit(dict(kernel=name, ms=round(ms, 3), ratio_to_torch=round(ms / base, 4), rows=x.shape[0]), a.out)
 
 
 if __name__ == "__main__":
