@@ -90,7 +90,10 @@ class Watcher(threading.Thread):
                 self.target = dirs[0].name  # max_concurrent 1: the first trial runs alone
             lines = result_lines(sweep / "sweep" / "tune" / self.target)
             epoch = max((r.get("epoch", 0) for r in lines), default=0)
-            if epoch <= last or epoch >= EPOCHS:
+            # not after the last two epochs: the trial runs on while this reads its results and finds its actor,
+            # so a kill sent after epoch EPOCHS - 1 can land after it has reported EPOCHS (seen once in CI,
+            # 2026-11-28: the trial errored with all epochs reported, and the resume had nothing left to run)
+            if epoch <= last or epoch >= EPOCHS - 1:
                 continue
             if not list((sweep / "sweep" / "tune" / self.target).glob("checkpoint_*")):
                 continue
