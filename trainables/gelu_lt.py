@@ -49,6 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dinov2_fast import LayerScaledLinear, with_mixin
+
 log = logging.getLogger(__name__)
 
 _SRC = Path(__file__).resolve().parent / "csrc" / "gelu_lt.c"
@@ -257,27 +259,11 @@ class GeluEpilogueMLP(nn.Module):
 
 
 def _effective(linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
-    from .dinov2_fast import LayerScaledLinear
-
-    if isinstance(linear, LayerScaledLinear):
-        return linear.folded()
-    return linear.weight, linear.bias
-
-
-_CONVERTED: dict[type, type] = {}
-
-
-def _converted_class(orig: type) -> type:
-    """One class per original MLP class (all blocks share it, so torch.compile reuses one graph)."""
-    if orig not in _CONVERTED:
-        _CONVERTED[orig] = type(f"GeluEpilogue{orig.__name__}", (GeluEpilogueMLP, orig), {})
-    return _CONVERTED[orig]
+    return linear.folded() if isinstance(linear, LayerScaledLinear) else (linear.weight, linear.bias)
 
 
 def convertible(mlp: nn.Module) -> bool:
     """An MLP of exactly ``fc1`` → erf or tanh GELU → ``fc2``, both linear layers with a bias."""
-    from .dinov2_fast import LayerScaledLinear
-
     children = dict(mlp.named_children())
     fc1, fc2 = children.pop("fc1", None), children.pop("fc2", None)
     # the activation's attribute: ``activation`` in transformers 5.17, ``activation_fn`` in 5.24
@@ -287,18 +273,24 @@ def convertible(mlp: nn.Module) -> bool:
             and fc1.bias is not None and fc2.bias is not None)
 
 
+def _mlps(blocks: nn.ModuleList | None):
+    """The blocks' MLPs that ``convertible`` takes and that are not converted yet."""
+    for layer in blocks or []:
+        mlp = getattr(layer, "mlp", None)
+        if mlp is not None and not isinstance(mlp, GeluEpilogueMLP) and convertible(mlp):
+            yield mlp
+
+
 def tanh_layers(blocks: nn.ModuleList | None) -> int:
     """The same function as ``convert_layers`` gives, in plain PyTorch: each convertible MLP's activation
     replaced by ``nn.GELU(approximate="tanh")``. For evaluating weights that a trial trained with
     ``training.gelu_epilogue`` off the trial (the export's test report), where the kernels are not needed and the
     machine may have no toolkit. Returns how many changed."""
     n = 0
-    for layer in blocks or []:
-        mlp = getattr(layer, "mlp", None)
-        if mlp is not None and not isinstance(mlp, GeluEpilogueMLP) and convertible(mlp):
-            name = next(k for k in dict(mlp.named_children()) if k not in ("fc1", "fc2"))
-            setattr(mlp, name, nn.GELU(approximate="tanh"))
-            n += 1
+    for mlp in _mlps(blocks):
+        name = next(k for k, _ in mlp.named_children() if k not in ("fc1", "fc2"))
+        setattr(mlp, name, nn.GELU(approximate="tanh"))
+        n += 1
     return n
 
 
@@ -306,9 +298,7 @@ def convert_layers(blocks: nn.ModuleList | None) -> int:
     """Make the MLP of every block in ``blocks`` a ``GeluEpilogueMLP``, in place (after the fast blocks' fold,
     before compiling). Returns how many changed."""
     n = 0
-    for layer in blocks or []:
-        mlp = getattr(layer, "mlp", None)
-        if mlp is not None and not isinstance(mlp, GeluEpilogueMLP) and convertible(mlp):
-            mlp.__class__ = _converted_class(type(mlp))
-            n += 1
+    for mlp in _mlps(blocks):
+        mlp.__class__ = with_mixin(GeluEpilogueMLP, type(mlp))
+        n += 1
     return n
