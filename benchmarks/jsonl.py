@@ -1,4 +1,5 @@
-"""Shared by the kernel benchmarks: one JSON row printed and appended to ``--out``, and CUDA-event timing."""
+"""Shared by the benchmarks that write rows (the step, scaling and kernel benchmarks): one JSON row printed and
+appended to ``--out``, and CUDA-event timing."""
 
 from __future__ import annotations
 

@@ -24,6 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.jsonl import emit  # noqa: E402
+
 
 def worker(cfg):
     import torch
@@ -128,10 +130,7 @@ def main(argv=None):
     r = json.load(open(res))
     r.update(manifest=Path(a.manifest).name, overrides=a.set, label=a.label, wall_s=round(time.time() - t0, 1),
              **({"no_cudagraphs": True} if a.no_cudagraphs else {}))
-    print(json.dumps(r), flush=True)
-    if a.out:
-        with open(a.out, "a") as fh:
-            fh.write(json.dumps(r) + "\n")
+    emit(r, a.out)
     return r
 
 

@@ -86,14 +86,14 @@ def test_eval_batches_by_length_keep_the_split_order():
         assert by_length[k] == pytest.approx(split_order[k], rel=1e-4)
 
 
-def test_step_bench_smoke():
+@pytest.mark.parametrize("gpu_manifest", ["qwen2.5-0.5b_regression_gpu.yaml", "dinov2-vitb14_classifier_gpu.yaml"])
+def test_step_bench_smoke(gpu_manifest):
     import sys
 
     sys.path.insert(0, str(ROOT))
     from benchmarks.step_bench import main
 
-    rows = main(["--manifest", str(ROOT / "search_spaces/qwen2.5-0.5b_regression_gpu.yaml"), "--smoke",
-                 "--steps", "2", "--warmup", "1"])
+    rows = main(["--manifest", str(ROOT / "search_spaces" / gpu_manifest), "--smoke", "--steps", "2", "--warmup", "1"])
     assert {r["mode"] for r in rows} == {"product", "loader", "plain"}
 
 

@@ -91,6 +91,8 @@ def library() -> ctypes.CDLL:
     """The built ``csrc/gelu_lt.c``, built on first use (per content, toolkit and compiler; a trial builds it when
     it converts its blocks, so a failure is reported then, naming the setting)."""
     global _LIB
+    if _LIB is not None:  # every matmul call asks: no lock once it is loaded
+        return _LIB
     with _LOCK:
         if _LIB is not None:
             return _LIB
