@@ -103,3 +103,19 @@ b --manifest $VB --label vitb-bs128-gelu-lt-vs-plain --set training.gelu_epilogu
 # forward's epilogue only, BGRADB weight gradients); all slower than the DGELU form kept (gpu_2026-11-28-twelfth.md)
 b --manifest $VB --label vitb-bs512-gelu-lt-loader --set search.space.batch_size=512 --set training.gelu_epilogue=true --modes product,loader
 b --manifest $VS --label vits-gelu-lt --set training.gelu_epilogue=true --modes product,loader,plain
+# 2026-11-28 (fourteenth session, an H200): training.fast_blocks makes DINOv2's patch-embedding convolution one matmul
+# (trainables/dinov2_fast.PatchConv2d); --patch-conv keeps cuDNN's convolution. Each its own process, twice in turn
+b --manifest $VB --label vitb-bs512-patchconv --set search.space.batch_size=512 --modes product --patch-conv
+b --manifest $VB --label vitb-bs512-patchmm --set search.space.batch_size=512 --modes product
+b --manifest $VB --label vitb-bs512-patchconv-2 --set search.space.batch_size=512 --modes product --patch-conv
+b --manifest $VB --label vitb-bs512-patchmm-2 --set search.space.batch_size=512 --modes product
+b --manifest $VS --label vits-bs512-patchconv --set search.space.batch_size=512 --modes product --patch-conv
+b --manifest $VS --label vits-bs512-patchmm --set search.space.batch_size=512 --modes product
+b --manifest $VB --label vitb-bs512-patchmm-loader --set search.space.batch_size=512 --modes product,loader
+b --manifest $VB --label vitb-bs128-patchmm-vs-plain --modes product,plain,plain-clip
+# the loader's batches gathered straight into pinned memory (make_collate(pin=True)) against the old pageable gather
+# and pin (--pageable-collate), each its own process, twice in turn
+b --manifest $VB --label vitb-bs512-loader-pageable --set search.space.batch_size=512 --modes product,loader --pageable-collate
+b --manifest $VB --label vitb-bs512-loader-pinned --set search.space.batch_size=512 --modes product,loader
+b --manifest $VB --label vitb-bs512-loader-pageable-2 --set search.space.batch_size=512 --modes product,loader --pageable-collate
+b --manifest $VB --label vitb-bs512-loader-pinned-2 --set search.space.batch_size=512 --modes product,loader

@@ -140,6 +140,17 @@ def _profile(fn, dev, warmup, steps, path, info):
     return [head]
 
 
+def _patch_conv(model) -> None:
+    """``--patch-conv``: the fast blocks' patch-embedding matmul back to cuDNN's convolution (same module)."""
+    from torch import nn
+
+    from trainables.dinov2_fast import PatchConv2d
+
+    for mod in model.modules():
+        if isinstance(mod, PatchConv2d):
+            mod.__class__ = nn.Conv2d
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--manifest", required=True)
@@ -166,6 +177,12 @@ def main(argv=None):
     ap.add_argument("--no-cudagraphs", action="store_true",
                     help="experiment, an A/B: the product (and the plain loop) without the CUDA graphs that "
                          "training.fp8 turns on (speed.use_cudagraphs)")
+    ap.add_argument("--patch-conv", action="store_true",
+                    help="experiment, an A/B: DINOv2's patch embedding stays cuDNN's convolution (training.fast_blocks "
+                         "makes it one matmul, trainables.dinov2_fast.PatchConv2d), in the product and the plain loop")
+    ap.add_argument("--pageable-collate", action="store_true",
+                    help="experiment, an A/B for the loader mode: batches gathered into pageable memory and pinned "
+                         "after (the loader before 2026-11-28), not straight into pinned memory")
     ap.add_argument("--label", default="")
     ap.add_argument("--out", default=None, help="append JSON lines here")
     a = ap.parse_args(argv)
@@ -192,6 +209,9 @@ def main(argv=None):
         ic.max_autotune_gemm_backends = "ATEN,TRITON"
     if a.no_cudagraphs:
         speed.use_cudagraphs = lambda **kw: False
+    if a.pageable_collate:
+        make_collate = speed.make_collate
+        speed.make_collate = lambda family, dataset, pin=False: make_collate(family, dataset, pin=False)
     p = speed.prepare(config, spec, None)
     if a.fp8_only:
         from trainables.fp8 import Float8Linear
@@ -199,6 +219,8 @@ def main(argv=None):
         for name, mod in p.stepper.model.named_modules():
             if isinstance(mod, Float8Linear) and a.fp8_only not in name:
                 mod.__class__ = torch.nn.Linear
+    if a.patch_conv:
+        _patch_conv(p.stepper.model)
     if a.pure_bf16:
         p.stepper.model.to(torch.bfloat16)  # same Parameter objects: the optimizer (no state yet) follows
     speed.choose_micro_batch(p, m)  # training.micro_batch: auto, as a trial does before its first step
@@ -212,7 +234,8 @@ def main(argv=None):
                 **({"sdpa": a.sdpa} if a.sdpa else {}), **({"pure_bf16": True} if a.pure_bf16 else {}),
                 **({"fp8_only": a.fp8_only} if a.fp8_only else {}),
                 fast_blocks=st.fast_blocks, gelu_epilogue=st.gelu_epilogue, cudagraphs_product=st.cudagraphs, **({"autotune": True} if a.autotune else {}),
-                **({"cudagraphs": True} if a.cudagraphs else {}))
+                **({"cudagraphs": True} if a.cudagraphs else {}), **({"patch_conv": True} if a.patch_conv else {}),
+                **({"pageable_collate": True} if a.pageable_collate else {}))
     first = next(iter(p.train_loader(0)))
     units_per_batch = speed.batch_units(first)[1]
     flops = p.flops_unit or 0.0
@@ -244,6 +267,8 @@ def main(argv=None):
         # training.fast_blocks, gelu_epilogue and fp8: the same blocks in the plain loop as in the product
         speed.transform_blocks(fam, model, dev, fast_blocks=bool(st.fast_blocks), fp8=bool(st.fp8),
                                gelu_epilogue=bool(st.gelu_epilogue))
+        if a.patch_conv:
+            _patch_conv(model)
         if st.compiled:  # CUDA graphs where the product has them (training.fp8 with bf16 weights on CUDA)
             speed.compile_blocks(model, cudagraphs=st.cudagraphs)
         model.to(dev)

@@ -77,6 +77,56 @@ def test_fast_layers_are_the_same_model():
     assert not isinstance(ls, fast.FoldedLayerScale)
 
 
+@pytest.mark.parametrize("c,out,k,h,w", [(3, 32, 7, 28, 28), (3, 24, 7, 31, 45), (2, 16, 4, 16, 16)])
+def test_patch_conv_is_the_convolution(c, out, k, h, w):
+    """The patch embedding as one matmul (``PatchConv2d``): the convolution's output and every gradient (pixels,
+    weight, bias), in fp32 with random weights, for rows padded to a multiple of 8 (3·7·7 = 147 columns) and not
+    (2·4·4 = 32), and for an image whose last pixels make no whole patch (dropped, as the convolution drops
+    them). Under autocast, bf16 like the convolution. The output is a view of contiguous rows after DINOv2's
+    ``flatten(2).transpose(1, 2)``. Convolutions that are not a patch cut stay as they are."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(c, out, k, k)
+    with torch.no_grad():
+        conv.weight.normal_()
+        conv.bias.normal_()
+    pc = copy.deepcopy(conv)
+    keys = list(pc.state_dict())
+    assert fast.convert_patch_embed(pc) == 1 and type(pc) is fast.PatchConv2d and list(pc.state_dict()) == keys
+    x = torch.randn(3, c, h, w, requires_grad=True)
+    y0, y1 = conv(x), pc(x)
+    assert y1.shape == y0.shape
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    assert y1.flatten(2).transpose(1, 2).is_contiguous()
+    g = torch.randn_like(y0)
+    for a, b in zip(torch.autograd.grad(y0, [x, conv.weight, conv.bias], g),
+                    torch.autograd.grad(y1, [x, pc.weight, pc.bias], g)):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z0, z1 = conv(x), pc(x)
+    assert z1.dtype == z0.dtype == torch.bfloat16
+    torch.testing.assert_close(z1.float(), z0.float(), rtol=2e-2, atol=2e-2 * float(z0.detach().float().abs().max()))
+    others = nn.Sequential(nn.Conv2d(3, 8, 3, 1), nn.Conv2d(3, 8, 4, 4, padding=1), nn.Conv2d(4, 8, 2, 2, groups=2))
+    assert fast.convert_patch_embed(others) == 0 and all(type(m) is nn.Conv2d for m in others)
+
+
+def test_fast_blocks_make_dinov2_patch_embedding_a_matmul():
+    """The family's ``fast_blocks`` converts the patch embedding with the blocks; the model computes what it did."""
+    from trainables import registry
+
+    base = _tiny()
+    with torch.no_grad():
+        for p in base.parameters():
+            p.normal_(0.0, 0.3)
+    model = copy.deepcopy(base)
+    assert registry.get("dinov2_classifier").fast_blocks(model) == 2
+    assert type(model.embeddings.patch_embeddings.projection) is fast.PatchConv2d
+    x, g = torch.randn(3, 3, 28, 28), torch.randn(3, 17, 32)
+    (out0, grads0), (out, grads) = _run(base, x, g), _run(model, x, g)
+    torch.testing.assert_close(out, out0, rtol=1e-5, atol=1e-5)
+    for n in ("embeddings.patch_embeddings.projection.weight", "embeddings.patch_embeddings.projection.bias"):
+        torch.testing.assert_close(grads[n], grads0[n], rtol=1e-4, atol=1e-5 * float(grads0[n].abs().max()))
+
+
 def test_fast_blocks_trial_and_setting(tmp_path):
     """A real tiny-DINOv2 trial on the fast path converts its blocks and learns as it does without them; the
     setting is on by default and leaves a sweep's identity as it was; DeepSpeed ZeRO-3 and a family without

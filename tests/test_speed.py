@@ -389,8 +389,31 @@ _CUDA = pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason
 
 
 @pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=_CUDA)])
+def test_train_loader_batches_are_the_gathered_rows(dev):
+    """``make_collate`` and ``Prefetcher``: every batch holds the dataset's rows at its indices, in the batches'
+    order, on the trial's device. For a CUDA trial the rows are gathered straight into pinned memory, so the
+    prefetcher's pin is no second copy (the same storage)."""
+    import torch
+
+    from trainables.speed import Prefetcher, _pin, make_collate
+
+    ds = torch.utils.data.TensorDataset(torch.randn(50, 3, 4, 4), torch.arange(50))
+    batches = [[3, 1, 4], [15, 9, 2], [6, 5, 35], [49, 0, 7], [8]]
+    collate, lengths = make_collate(None, ds, pin=dev == "cuda")
+    assert lengths is None
+    if dev == "cuda":
+        b = collate(batches[0])
+        assert all(t.is_pinned() for t in b) and _pin(b)[0].data_ptr() == b[0].data_ptr()
+    got = list(Prefetcher(collate, batches, torch.device(dev)))
+    assert len(got) == len(batches)
+    for idx, (x, y) in zip(batches, got):
+        assert x.device.type == dev and y.device.type == dev
+        assert torch.equal(x.cpu(), ds.tensors[0][idx]) and y.tolist() == idx
+
+
+@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=_CUDA)])
 @pytest.mark.parametrize("rows,micro", [(8, 2), (7, 3)])  # equal micro-batches; a short batch (3 + 3 + 1 rows)
-def test_micro_batches_train_as_the_whole_batch(rows, micro, dev):
+def test_micro_batches_train_as_the_whole_batch(rows, micro, dev, monkeypatch):
     """training.micro_batch: a batch split into micro-batches, gradients accumulated, gives the update and
     the loss of the whole batch at once (clipping active). SGD as the update, so a wrong weight on a
     micro-batch's gradient shows (AdamW would normalise most of it away); then the product's AdamW (on
@@ -403,6 +426,10 @@ def test_micro_batches_train_as_the_whole_batch(rows, micro, dev):
 
     assert [resolve_micro(k, 12) for k in ("auto", None, 5, 100, 1)] == [12, 12, 4, 12, 1]
     assert resolve_micro(3, 7) == 1
+    # fp32 matmuls in fp32: a trial's set-up on a GPU (speed.prepare) turns TF32 on for its whole process, and an
+    # earlier test in this one may have run it; TF32's rounding is far above this test's tolerance
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     x = torch.randn(6, rows, 8, generator=torch.Generator().manual_seed(2)).to(dev)
     for sgd in (True, False):
         torch.manual_seed(0)

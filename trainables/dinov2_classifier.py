@@ -133,9 +133,12 @@ class DinoClassifier(Family):
         return Regressor(backbone, head)
 
     def fast_blocks(self, model: nn.Module) -> int:
-        from .dinov2_fast import convert_layers
+        """Each block's LayerScales folded into the projections, and the patch embedding's convolution made a
+        matmul (``trainables.dinov2_fast``). Returns how many blocks changed."""
+        from .dinov2_fast import convert_layers, convert_patch_embed
         from .speed import repeated_blocks
 
+        convert_patch_embed(model)
         return convert_layers(repeated_blocks(model, min_len=1))
 
     def forward(self, model, x):

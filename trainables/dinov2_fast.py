@@ -16,6 +16,11 @@ version whose block runs ``layer_scale(linear(...))`` with only dropout between 
 ``nn.Linear`` is left alone (its block keeps the unfolded scale), and ``training.fp8`` does not convert the
 folded layers (it takes plain ``nn.Linear`` only).
 
+The patch embedding's convolution (kernel = stride: every pixel in exactly one patch) becomes one matmul over
+the image's patches (``PatchConv2d``): the same sums, in another order. cuDNN ran it as an Ampere-style kernel
+behind layout conversions, about 6 ms of a 173 ms ViT-B/14 step at batch 512 on an H200 (profile of
+2026-11-28, fourteenth session), for 0.12 TFLOP that a matmul does in a fraction of a millisecond.
+
 Tried and not kept (docs/gpu.md, ninth session): attending with the 256 patch tokens in one tile-aligned
 fused kernel and merging the CLS token in by log-sum-exp. cuDNN's kernels got faster (forward 9.0 → 3.8 ms,
 backward 20 → 13 ms a step), but the merge's extra elementwise passes cost more than that saved.
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import functools
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -89,4 +95,50 @@ def convert_layers(blocks: nn.ModuleList | None) -> int:
                 continue
             done += fold(ls, _last_linear(sub))
         n += done == 2
+    return n
+
+
+class PatchConv2d(nn.Conv2d):
+    """A patch embedding's ``nn.Conv2d`` (kernel = stride, no padding, dilation or groups) as one matmul:
+    the image's patches gathered into rows of ``C·p·q`` (in the weight's ``(C, p, q)`` order) and multiplied
+    by the weight seen as ``(out, C·p·q)``. Returns what the convolution returns, ``(B, out, H/p, W/q)``,
+    as a view of the ``(B, H/p·W/q, out)`` product, so DINOv2's ``flatten(2).transpose(1, 2)`` after it
+    is a view of contiguous rows (no copy). Pixels past the last whole patch are dropped, as the convolution
+    drops them.
+
+    The rows are gathered in one copy that also casts them to autocast's dtype and pads them to a multiple of
+    8 columns (``PAD``): ViT-B/14's 588 columns give rows that are not 16-byte aligned, which cuBLAS runs on
+    slower kernels. The pad's columns are zero in the rows and the weight, so the product is unchanged."""
+
+    PAD = 8
+
+    def forward(self, x):
+        p, q = self.kernel_size
+        b, c, h, w = x.shape
+        hh, ww = h // p, w // q
+        x = x[:, :, : hh * p, : ww * q]
+        k = c * p * q
+        kp = k + (-k % self.PAD if self.PAD > 1 else 0)
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        rows = x.new_empty((b * hh * ww, kp), dtype=dt)
+        if kp > k:
+            rows[:, k:].zero_()
+        rows[:, :k].view(b, hh, ww, c, p, q).copy_(x.reshape(b, c, hh, p, ww, q).permute(0, 2, 4, 1, 3, 5))
+        wt = self.weight.reshape(self.out_channels, k)
+        if kp > k:
+            wt = F.pad(wt, (0, kp - k))
+        y = F.linear(rows, wt.to(dt), None if self.bias is None else self.bias.to(dt))
+        return y.view(b, hh, ww, self.out_channels).permute(0, 3, 1, 2)
+
+
+def convert_patch_embed(model: nn.Module) -> int:
+    """Every plain ``nn.Conv2d`` in ``model`` that cuts its input into patches (kernel = stride, zero padding,
+    no dilation, one group, zeros padding mode) made a ``PatchConv2d``, in place: same parameters, same state
+    dict. Returns how many changed (DINOv2: its one patch embedding)."""
+    n = 0
+    for m in model.modules():
+        if (type(m) is nn.Conv2d and m.kernel_size == m.stride and m.padding == (0, 0) and m.dilation == (1, 1)
+                and m.groups == 1 and m.padding_mode == "zeros"):
+            m.__class__ = PatchConv2d
+            n += 1
     return n

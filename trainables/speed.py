@@ -164,7 +164,7 @@ def _to_device(batch, device, non_blocking=True):
 
 def _pin(batch):
     if isinstance(batch, torch.Tensor):
-        return batch.pin_memory()
+        return batch.pin_memory()  # itself when already pinned (make_collate's pin)
     if isinstance(batch, (list, tuple)):
         return type(batch)(_pin(b) for b in batch)
     return batch
@@ -231,10 +231,25 @@ def index_batches(n: int, bs: int, *, shuffle: bool, seed: int, rank: int = 0, w
     return batches
 
 
-def make_collate(family, dataset) -> tuple[Callable[[list[int]], Any], list[int] | None]:
-    """A collate taking a list of indices, and the examples' lengths when the data is tokens."""
+def make_collate(family, dataset, pin: bool = False) -> tuple[Callable[[list[int]], Any], list[int] | None]:
+    """A collate taking a list of indices, and the examples' lengths when the data is tokens.
+
+    ``pin`` (a CUDA trial's training batches): a ``TensorDataset``'s rows are gathered straight into pinned
+    memory, ready for the side stream's copy, instead of into a new pageable tensor that ``Prefetcher`` then
+    copies into pinned memory. At ViT-B/14 batch 512 that is one pass over 308 MB a batch instead of two, and
+    the pinned blocks come back from PyTorch's host allocator, where each new pageable tensor of that size was
+    fresh memory the kernel had to fault in page by page (measured on an H200 machine: ``benchmarks/
+    loader_bench.py``)."""
     tensors = getattr(dataset, "tensors", None)
     if tensors is not None:  # TensorDataset: one gather per tensor, not a Python loop over rows
+        if pin:
+            def gather_pinned(idx):
+                i = torch.as_tensor(idx)
+                return tuple(torch.index_select(t, 0, i, out=torch.empty((len(i), *t.shape[1:]), dtype=t.dtype,
+                                                                          pin_memory=True))
+                             for t in tensors)
+
+            return gather_pinned, None
         return (lambda idx: tuple(t[torch.as_tensor(idx)] for t in tensors)), None
     ids = getattr(dataset, "ids", None)
     if ids is not None and hasattr(dataset, "labels"):  # qwen TokenDataset
@@ -1345,7 +1360,7 @@ class Prepared:
 
     def train_loader(self, epoch_seed: int) -> Prefetcher:
         m_train = self.splits.get("train", "fit")
-        collate, lengths = make_collate(self.family, m_train)
+        collate, lengths = make_collate(self.family, m_train, pin=self.device.type == "cuda")
         b = index_batches(len(m_train), self.hp.batch_size, shuffle=True, seed=epoch_seed, rank=self.rank,
                           world=self.world, drop_last=True, lengths=lengths)
         return Prefetcher(collate, b, self.device)
