@@ -119,3 +119,11 @@ b --manifest $VB --label vitb-bs512-loader-pageable --set search.space.batch_siz
 b --manifest $VB --label vitb-bs512-loader-pinned --set search.space.batch_size=512 --modes product,loader
 b --manifest $VB --label vitb-bs512-loader-pageable-2 --set search.space.batch_size=512 --modes product,loader --pageable-collate
 b --manifest $VB --label vitb-bs512-loader-pinned-2 --set search.space.batch_size=512 --modes product,loader
+# ViT-S/14 at its manifest's batch (256), where the step is short enough to be host-bound: product against plain with
+# more steps and rounds, with bf16 weights off, and with Inductor's CUDA graphs for the compiled blocks
+b --manifest $VS --label vits-bs256-vs-plain --modes product,plain,plain-clip --steps 20 --rounds 5
+b --manifest $VS --label vits-bs256-mixed-vs-plain --set training.bf16_weights=false --modes product,plain --steps 20 --rounds 5
+b --manifest $VS --label vits-bs256-cg-vs-plain --modes product,plain --steps 20 --rounds 5 --cudagraphs
+# training.cuda_graphs: true (CUDA graphs without FP8) on ViT-S/14 at batch 256, against the default, each its own process
+b --manifest $VS --label vits-bs256-default --modes product,plain --steps 20 --rounds 5
+b --manifest $VS --label vits-bs256-cudagraphs --set training.cuda_graphs=true --modes product,plain,loader --steps 20 --rounds 5

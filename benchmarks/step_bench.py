@@ -34,8 +34,9 @@ from benchmarks import jsonl  # noqa: E402
 SMOKE = ["model.size=tiny", "model.config_overrides={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2}",
          "data.max_length=64", "data.generator.n_train=64", "data.min_rows={train: 8, val_select: 8}", "data.generator.n_val_select=16", "data.generator.doc_words=[30, 40]",
          "data.generator.image_size=28", "search.space.batch_size=8", "training.precision=fp32",
-         # the ViT-B/14 manifest turns it on, and it runs in bf16 only (refused with fp32 by the manifest check)
-         "training.gelu_epilogue=false"]
+         # the ViT-B/14 manifest turns gelu_epilogue on and the ViT-S/14 one cuda_graphs; both need bf16 (the
+         # manifest check refuses them with fp32)
+         "training.gelu_epilogue=false", "training.cuda_graphs=auto"]
 
 
 def bench_manifest(path: str, overrides: list[str], smoke: bool) -> tuple[dict, dict]:

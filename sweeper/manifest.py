@@ -244,6 +244,16 @@ class TrainingSpec(Strict):
     with ``ddp.impl: blocks`` (not the Lightning loop, DeepSpeed, FSDP or PyTorch's DDP wrapper, where it is
     not tested). With ``bf16_weights`` on a GPU the compiled blocks replay as CUDA graphs."""
 
+    cuda_graphs: Literal["auto"] | bool = "auto"
+    """The compiled blocks replay as CUDA graphs (Inductor's CUDA graph trees: one launch per block graph
+    instead of one per kernel), for steps too short for the host to launch their kernels as fast as the GPU
+    runs them. Needs the fast path's own step with compiled repeated blocks and bf16 weights on a GPU
+    (``trainables.speed.use_cudagraphs`` says why). ``auto``: with ``fp8``, whose casts double the kernels.
+    ``true``: without it too (ViT-S/14 at batch 256 on an H200: 47.8 → 36.2 ms a step, docs/gpu.md; larger
+    steps, such as ViT-B/14 at 512 or Qwen2.5-0.5B at 16, are GPU-bound and gain nothing). ``true`` with
+    ``compile: false``, ``bf16_weights: false``, precision fp32 or fp16, ``gelu_epilogue`` (not tested together)
+    or off the fast path's own step is refused; on a CPU it does nothing."""
+
     gelu_epilogue: bool = False
     """DINOv2: each block's MLP runs its GELU inside cuBLASLt's matmul epilogues (``trainables.gelu_lt``): the
     first matmul applies it and keeps its input, the backward's matmul applies its gradient, so the
@@ -732,6 +742,14 @@ def _semantic_problems(m) -> list[str]:
         where = _not_one_fast_process(tr, res)
         if where:
             out.append(f"`training.fp8`: {FP8_NEEDS}, but this manifest's trials run {where}")
+    if res is not None and tr is not None and tr.cuda_graphs is True:
+        where = (_not_one_fast_process(tr, res) or ("compile false" if tr.compile is False else None)
+                 or ("bf16_weights false" if tr.bf16_weights is False else None)
+                 or (f"precision {tr.precision}" if tr.precision in ("fp32", "fp16") else None)
+                 or ("gelu_epilogue (not tested together)" if tr.gelu_epilogue else None))
+        if where:
+            out.append(f"`training.cuda_graphs`: true needs compiled blocks with bf16 weights on the fast path's own "
+                       f"step, but this manifest's trials run {where}")
     if res is not None and tr is not None and tr.gelu_epilogue:
         where = _not_one_fast_process(tr, res)
         if fam is not None and not fam.gelu_mlp:
@@ -904,7 +922,7 @@ GELU_EPILOGUE_NEEDS = ("true needs the fast path's own step in one process (a on
 # computed before ``training.micro_batch`` was added.)
 LATER_DEFAULTS: dict[tuple[str, str], Any] = {("training", "micro_batch"): "auto", ("training", "bf16_weights"): "auto",
                                               ("training", "fp8"): False, ("training", "fast_blocks"): True,
-                                              ("training", "gelu_epilogue"): False}
+                                              ("training", "gelu_epilogue"): False, ("training", "cuda_graphs"): "auto"}
 
 
 def load(path: str | os.PathLike, overrides: list[str] | None = None) -> Loaded:

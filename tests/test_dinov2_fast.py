@@ -192,3 +192,82 @@ def test_fast_blocks_compiled_step_on_cuda():
         assert p.stepper.fast_blocks == int(on) and p.stepper.compiled
         losses[on] = [float(p.stepper.step(b)) for _ in range(2) for b in p.train_loader(0)]
     assert all(v == v for v in losses[True]) and losses[True] == pytest.approx(losses[False], rel=0.05)
+
+
+def _graphs_recorded() -> int:
+    from torch._inductor import cudagraph_trees
+
+    mgr = cudagraph_trees.get_manager(torch.cuda.current_device(), False)
+    return 0 if mgr is None else len(mgr.roots)
+
+
+def test_cuda_graphs_setting():
+    """``training.cuda_graphs``: ``auto`` replays the compiled blocks as CUDA graphs with FP8 only, ``true`` without
+    it too, ``false`` never; always only compiled, on CUDA, with bf16 weights and repeated blocks. ``true`` where
+    it cannot run is refused, naming the field and why; the default leaves a sweep's identity as it was."""
+    from sweeper import manifest as mf
+    from sweeper.errors import UserError
+    from tests.conftest import ROOT
+    from trainables.speed import use_cudagraphs
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+
+    def uses(knob, fp8=0, compile_=True, device=cuda, bf16=True, blocks=True):
+        return use_cudagraphs(fp8_layers=fp8, compile_=compile_, device=device, bf16_weights=bf16, blocks=blocks,
+                              knob=knob)
+
+    assert uses("auto", fp8=4) and not uses("auto") and uses(True) and uses(True, fp8=4)
+    assert not uses(False, fp8=4) and not uses(False)
+    for off in (dict(compile_=False), dict(device=cpu), dict(bf16=False), dict(blocks=False)):
+        assert not uses(True, **off) and not uses("auto", fp8=4, **off), off
+    gpu = ROOT / "search_spaces/dinov2-vits14_classifier_gpu.yaml"
+    assert mf.load(gpu, ["training.cuda_graphs=true"]).resolved()["training"]["cuda_graphs"] is True
+    for bad, why in ((["training.compile=false"], "compile false"), (["training.bf16_weights=false"], "bf16_weights"),
+                     (["training.precision=fp32"], "precision fp32"), (["training.gelu_epilogue=true"], "gelu_epilogue"),
+                     (["training.strategy=deepspeed"], "DeepSpeed"), (["training.strategy=lightning"], "Lightning")):
+        with pytest.raises(UserError, match=rf"training\.cuda_graphs`: true needs .*{why}"):
+            mf.load(gpu, ["training.cuda_graphs=true", *bad])
+        mf.load(gpu, ["training.cuda_graphs=false", *bad])  # false and auto: nothing to refuse
+    with pytest.raises(UserError, match="training.cuda_graphs"):
+        mf.load(gpu, ["training.cuda_graphs=maybe"])
+    demo = ROOT / "search_spaces/qwen-tiny_regression_cpu.yaml"
+    assert mf.load(demo, ["training.cuda_graphs=auto"]).identity() == "2d3cf794bc"
+    assert mf.load(demo, ["training.cuda_graphs=false"]).identity() != "2d3cf794bc"
+
+
+@_CUDA
+@pytest.mark.parametrize("micro", [None, 8])
+def test_cuda_graphs_without_fp8_on_cuda(micro):
+    """``training.cuda_graphs: true`` on a DINOv2 step without FP8 (bf16 weights, fast blocks): graphs are recorded
+    and none skipped, and three steps leave the fp32 masters where the same steps without graphs do, with the whole
+    batch and with 8-row micro-batches (gradients accumulated over 3 parts)."""
+    from torch._dynamo.utils import counters
+
+    from sweeper.trial import TrialSpec
+    from trainables import speed
+
+    hp = {"lr": 3e-3, "batch_size": 24}
+    masters, start = {}, None
+    for graphs in (True, False):
+        torch._dynamo.reset()
+        counters.clear()
+        m = resolved(TINY_DINO, ["training.max_epochs=1", "scheduler.max_t=1", "resources.gpus=1",
+                                 "training.compile=true", f"training.cuda_graphs={str(graphs).lower()}",
+                                 "model.config_overrides.num_hidden_layers=2",
+                                 *([f"training.micro_batch={micro}"] if micro else [])])
+        torch.manual_seed(0)
+        p = speed.prepare(hp, TrialSpec(manifest=m), None)
+        st = p.stepper
+        assert st.cudagraphs is graphs and st.fp8 == 0 and st.master is not None and st.compiled == 2
+        if start is None:
+            start = [w.detach().float().cpu().clone() for w in st.master.masters]
+        batches = list(p.train_loader(0))
+        assert [speed.batch_units(b)[0] for b, _ in st.parts(batches[0])] == ([8, 8, 8] if micro else [24])
+        losses = [float(st.step(b)) for b in [*batches, batches[0]]]
+        assert all(v == v for v in losses)
+        assert (_graphs_recorded() > 0) is graphs and not counters["inductor"]["cudagraph_skips"]
+        masters[graphs] = [w.detach().float().cpu().clone() for w in st.master.masters]
+    rel = [float((a - b).norm() / b.norm()) for a, b in zip(masters[True], masters[False]) if float(b.norm())]
+    assert max(rel) < 1e-3
+    moved = [float((a - b).norm()) for a, b in zip(masters[True], start)]
+    assert sum(v > 0 for v in moved) > len(moved) // 2

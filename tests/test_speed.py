@@ -86,7 +86,8 @@ def test_eval_batches_by_length_keep_the_split_order():
         assert by_length[k] == pytest.approx(split_order[k], rel=1e-4)
 
 
-@pytest.mark.parametrize("gpu_manifest", ["qwen2.5-0.5b_regression_gpu.yaml", "dinov2-vitb14_classifier_gpu.yaml"])
+@pytest.mark.parametrize("gpu_manifest", ["qwen2.5-0.5b_regression_gpu.yaml", "dinov2-vitb14_classifier_gpu.yaml",
+                                          "dinov2-vits14_classifier_gpu.yaml"])
 def test_step_bench_smoke(gpu_manifest):
     import sys
 

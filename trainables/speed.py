@@ -123,8 +123,9 @@ def compile_blocks(model: nn.Module, *, hooks_outside: bool = False, cudagraphs:
 
 
 def use_cudagraphs(*, fp8_layers: int, compile_: bool, device: torch.device, bf16_weights: bool,
-                   blocks: bool) -> bool:
-    """Whether the compiled blocks replay as CUDA graphs: with ``training.fp8``, compiled, on CUDA, with
+                   blocks: bool, knob: Any = "auto") -> bool:
+    """Whether the compiled blocks replay as CUDA graphs (``training.cuda_graphs``: ``auto`` with
+    ``training.fp8``, ``true`` without it too, ``false`` never): compiled, on CUDA, with
     ``training.bf16_weights`` on (the default there), where the model has repeated blocks to compile (``blocks``:
     a whole model compiled as one graph would hand out its predictions as graph outputs, which the next
     iteration overwrites). Both run only on the fast path's own step: one
@@ -136,7 +137,9 @@ def use_cudagraphs(*, fp8_layers: int, compile_: bool, device: torch.device, bf1
     them as fast as the GPU ran them: the step was host-bound and its time moved with the host's (H100,
     2026-11-28: product 120.8 ms in rounds of 113-129 ms against 110.7 ms for the plain loop; with CUDA graphs
     90.1 against 90.6 ms, rounds within 0.5 %, and faster than bf16's 97.5 ms). Without FP8 the step is
-    GPU-bound and CUDA graphs changed nothing (97.0 against 97.5 ms), so they stay off there (docs/gpu.md).
+    GPU-bound and CUDA graphs changed nothing (97.0 against 97.5 ms), so ``auto`` leaves them off there
+    (docs/gpu.md). Smaller steps without FP8 can be host-bound too: ViT-S/14 at batch 256 on an H200 ran
+    47.8 ms a step in rounds of 38-57 ms, and 36.2 ms with graphs (2026-11-28); ``true`` is for those.
 
     Why bf16 weights: a CUDA graph's outputs live in memory its next replay overwrites. A weight gradient
     that autograd installs as ``.grad`` straight from the backward graph's output is such an output, so
@@ -146,7 +149,9 @@ def use_cudagraphs(*, fp8_layers: int, compile_: bool, device: torch.device, bf1
     (``MasterWeights``), so no graph output outlives its micro-batch, and ``Stepper`` starts a new graph
     iteration (``cudagraph_mark_step_begin``) before each micro-batch's forward, each memory try's and each
     evaluation batch's."""
-    return bool(fp8_layers) and compile_ and device.type == "cuda" and bf16_weights and blocks
+    if knob is False:
+        return False
+    return (knob is True or bool(fp8_layers)) and compile_ and device.type == "cuda" and bf16_weights and blocks
 
 
 # ------------------------------------------------------------------------------------ data path
@@ -928,7 +933,7 @@ class Stepper:
                  grad_clip: float, total_steps: int, step_offset: int = 0, compile_: bool = False,
                  ds: dict | None = None, world: int = 1, ddp: dict | None = None, fsdp: dict | None = None,
                  micro_batch: int | None = None, bf16_weights: Any = False, fp8: bool = False,
-                 fast_blocks: bool = False, gelu_epilogue: bool = False):
+                 fast_blocks: bool = False, gelu_epilogue: bool = False, cuda_graphs: Any = "auto"):
         from sweeper.manifest import DDPSpec, FSDPSpec
 
         from .base import cosine_with_warmup
@@ -959,11 +964,12 @@ class Stepper:
         masters = uses_bf16_weights(bf16_weights, on_cuda=on_cuda, strategy=strategy, world=world, precision=precision,
                                     ddp_impl=ddp_spec.impl)
         self.cudagraphs = use_cudagraphs(fp8_layers=self.fp8, compile_=bool(compile_), device=device,
-                                         bf16_weights=masters, blocks=repeated_blocks(model) is not None)
+                                         bf16_weights=masters, blocks=repeated_blocks(model) is not None,
+                                         knob=cuda_graphs)
         self.compiled = compile_blocks(model, hooks_outside=self.fsdp, cudagraphs=self.cudagraphs) if compile_ else 0
         if self.cudagraphs:
-            log.info("CUDA graphs for the %d compiled blocks (training.fp8 with bf16 weights on CUDA: the FP8 casts' "
-                     "launches would hold the step back)", self.compiled)
+            log.info("CUDA graphs for the %d compiled blocks (training.cuda_graphs %s%s, bf16 weights on CUDA)",
+                     self.compiled, cuda_graphs, " with training.fp8" if self.fp8 else "")
         self.engine = None
         self.reducer: BlockAllReduce | None = None
         self.loss_mod = LossModule(family, model, hp, torch.bfloat16 if (strategy == "deepspeed" and self.bf16) else None)
@@ -1474,7 +1480,8 @@ def prepare(config: dict, spec, reporter=None, *, use_ray_train: bool = False) -
                       fsdp=m["training"].get("fsdp"), micro_batch=resolve_micro(training.get("micro_batch"), hp.batch_size),
                       bf16_weights=training.get("bf16_weights", "auto"), fp8=bool(training.get("fp8", False)),
                       fast_blocks=bool(training.get("fast_blocks", True)),
-                      gelu_epilogue=bool(training.get("gelu_epilogue", False)))
+                      gelu_epilogue=bool(training.get("gelu_epilogue", False)),
+                      cuda_graphs=training.get("cuda_graphs", "auto"))
     if resumed and strategy == "deepspeed":
         if not stepper.load_engine(resumed):  # a checkpoint from another strategy: weights only
             stepper.inner.load_state_dict({k: v for k, v in ckpt_mod.load_checkpoint(resumed).model_state.items()},
