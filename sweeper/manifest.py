@@ -242,14 +242,14 @@ class TrainingSpec(Strict):
     Hopper), or the CPU. It changes the numerics: docs/gpu.md has its speed and its loss curves against
     mixed precision. On the fast path's own step only: one process, or the workers of ``strategy: ddp``
     with ``ddp.impl: blocks`` (not the Lightning loop, DeepSpeed, FSDP or PyTorch's DDP wrapper, where it is
-    not tested). With ``bf16_weights`` on a GPU the compiled blocks replay as CUDA graphs."""
+    not tested). With ``bf16_weights`` on a GPU the compiled blocks replay as CUDA graphs (``cuda_graphs: auto``)."""
 
     cuda_graphs: Literal["auto"] | bool = "auto"
     """The compiled blocks replay as CUDA graphs (Inductor's CUDA graph trees: one launch per block graph
     instead of one per kernel), for steps too short for the host to launch their kernels as fast as the GPU
     runs them. Needs the fast path's own step with compiled repeated blocks and bf16 weights on a GPU
     (``trainables.speed.use_cudagraphs`` says why). ``auto``: with ``fp8``, whose casts double the kernels.
-    ``true``: without it too (ViT-S/14 at batch 256 on an H200: 47.8 → 36.2 ms a step, docs/gpu.md; larger
+    ``true``: without it too (ViT-S/14 at batch 256 on an H200: 45.7 → 35.8 ms a step, docs/gpu.md; larger
     steps, such as ViT-B/14 at 512 or Qwen2.5-0.5B at 16, are GPU-bound and gain nothing). ``true`` with
     ``compile: false``, ``bf16_weights: false``, precision fp32 or fp16, ``gelu_epilogue`` (not tested together)
     or off the fast path's own step is refused; on a CPU it does nothing."""

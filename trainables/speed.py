@@ -139,7 +139,7 @@ def use_cudagraphs(*, fp8_layers: int, compile_: bool, device: torch.device, bf1
     90.1 against 90.6 ms, rounds within 0.5 %, and faster than bf16's 97.5 ms). Without FP8 the step is
     GPU-bound and CUDA graphs changed nothing (97.0 against 97.5 ms), so ``auto`` leaves them off there
     (docs/gpu.md). Smaller steps without FP8 can be host-bound too: ViT-S/14 at batch 256 on an H200 ran
-    47.8 ms a step in rounds of 38-57 ms, and 36.2 ms with graphs (2026-11-28); ``true`` is for those.
+    45.7 ms a step in rounds of 42-47 ms, and 35.8 ms with graphs (2026-11-28); ``true`` is for those.
 
     Why bf16 weights: a CUDA graph's outputs live in memory its next replay overwrites. A weight gradient
     that autograd installs as ``.grad`` straight from the backward graph's output is such an output, so
@@ -242,9 +242,10 @@ def make_collate(family, dataset, pin: bool = False) -> tuple[Callable[[list[int
     ``pin`` (a CUDA trial's training batches): a ``TensorDataset``'s rows are gathered straight into pinned
     memory, ready for the side stream's copy, instead of into a new pageable tensor that ``Prefetcher`` then
     copies into pinned memory. At ViT-B/14 batch 512 that is one pass over 308 MB a batch instead of two, and
-    the pinned blocks come back from PyTorch's host allocator, where each new pageable tensor of that size was
-    fresh memory the kernel had to fault in page by page (measured on an H200 machine: ``benchmarks/
-    loader_bench.py``)."""
+    the pinned blocks come back from PyTorch's host allocator instead of a new pageable tensor's fresh memory
+    each batch. On an H200 machine the old way held the step beside it back by 19 ms (loader 0.90× of the
+    resident step, now 0.99×), though alone it fed batches as fast (``benchmarks/loader_bench.py``); the fresh
+    memory's page faults are the likeliest cause, not an established one (docs/gpu.md)."""
     tensors = getattr(dataset, "tensors", None)
     if tensors is not None:  # TensorDataset: one gather per tensor, not a Python loop over rows
         if pin:
