@@ -194,13 +194,6 @@ def test_fast_blocks_compiled_step_on_cuda():
     assert all(v == v for v in losses[True]) and losses[True] == pytest.approx(losses[False], rel=0.05)
 
 
-def _graphs_recorded() -> int:
-    from torch._inductor import cudagraph_trees
-
-    mgr = cudagraph_trees.get_manager(torch.cuda.current_device(), False)
-    return 0 if mgr is None else len(mgr.roots)
-
-
 def test_cuda_graphs_setting():
     """``training.cuda_graphs``: ``auto`` replays the compiled blocks as CUDA graphs with FP8 only, ``true`` without
     it too, ``false`` never; always only compiled, on CUDA, with bf16 weights and repeated blocks. ``true`` where
@@ -244,6 +237,7 @@ def test_cuda_graphs_without_fp8_on_cuda(micro):
     from torch._dynamo.utils import counters
 
     from sweeper.trial import TrialSpec
+    from tests.test_fp8 import _graphs_recorded
     from trainables import speed
 
     hp = {"lr": 3e-3, "batch_size": 24}
