@@ -118,7 +118,7 @@ class PatchConv2d(nn.Conv2d):
         hh, ww = h // p, w // q
         x = x[:, :, : hh * p, : ww * q]
         k = c * p * q
-        kp = k + (-k % self.PAD if self.PAD > 1 else 0)
+        kp = k + -k % self.PAD  # the next multiple of PAD (k itself with PAD 1)
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         rows = x.new_empty((b * hh * ww, kp), dtype=dt)
         if kp > k:
