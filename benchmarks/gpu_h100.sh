@@ -127,3 +127,18 @@ b --manifest $VS --label vits-bs256-cg-vs-plain --modes product,plain --steps 20
 # training.cuda_graphs: true (CUDA graphs without FP8) on ViT-S/14 at batch 256, against the default, each its own process
 b --manifest $VS --label vits-bs256-default --modes product,plain --steps 20 --rounds 5
 b --manifest $VS --label vits-bs256-cudagraphs --set training.cuda_graphs=true --modes product,plain,loader --steps 20 --rounds 5
+# 2026-11-28 (fifteenth session, an H200): knobs without code changes, each its own process. Inductor's coordinate-
+# descent tuning of its Triton kernels (the norms, residual adds and bias sums), a batch of 1024, and PyTorch's
+# matmuls through cuBLASLt instead of cuBLAS
+b --manifest $VB --label vitb-bs512-base15 --set search.space.batch_size=512 --modes product
+b --manifest $VB --label vitb-bs512-coord --set search.space.batch_size=512 --modes product --inductor coordinate_descent_tuning=True
+b --manifest $VB --label vitb-bs1024 --set search.space.batch_size=1024 --modes product
+b --manifest $VB --label vitb-bs512-cublaslt --set search.space.batch_size=512 --modes product --blas cublaslt
+# Family.compile_rest (DINOv2's embeddings, final LayerNorm and pooling compiled, each on its own) against them eager
+# (--eager-rest), each its own process, twice in turn; then a batch of 1024 with them compiled
+b --manifest $VB --label vitb-bs512-eager-rest --set search.space.batch_size=512 --modes product --eager-rest
+b --manifest $VB --label vitb-bs512-compiled-rest --set search.space.batch_size=512 --modes product
+b --manifest $VB --label vitb-bs512-eager-rest-2 --set search.space.batch_size=512 --modes product --eager-rest
+b --manifest $VB --label vitb-bs512-compiled-rest-2 --set search.space.batch_size=512 --modes product,loader
+b --manifest $VB --label vitb-bs128-compiled-rest-vs-plain --modes product,plain,plain-clip
+b --manifest $VB --label vitb-bs1024-compiled-rest --set search.space.batch_size=1024 --modes product

@@ -184,6 +184,14 @@ def main(argv=None):
     ap.add_argument("--pageable-collate", action="store_true",
                     help="experiment, an A/B for the loader mode: batches gathered into pageable memory and pinned "
                          "after (the loader before 2026-11-28), not straight into pinned memory")
+    ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                    help="experiment: set torch._inductor.config.KEY (dotted, e.g. coordinate_descent_tuning=True) "
+                         "before compiling; VALUE is a Python literal")
+    ap.add_argument("--blas", default=None, choices=["cublas", "cublaslt"],
+                    help="experiment: torch.backends.cuda.preferred_blas_library for PyTorch's own matmuls")
+    ap.add_argument("--eager-rest", action="store_true",
+                    help="experiment, an A/B: the parts outside the blocks stay eager (Family.compile_rest not "
+                         "called; DINOv2's embeddings, final norm and pooling), in the product and the plain loop")
     ap.add_argument("--label", default="")
     ap.add_argument("--out", default=None, help="append JSON lines here")
     a = ap.parse_args(argv)
@@ -208,11 +216,29 @@ def main(argv=None):
     if a.autotune:
         ic.max_autotune_gemm = True
         ic.max_autotune_gemm_backends = "ATEN,TRITON"
+    for kv in a.inductor:
+        import ast
+
+        key, _, value = kv.partition("=")
+        *path, leaf = key.split(".")
+        obj = ic
+        for part in path:
+            obj = getattr(obj, part)
+        if not hasattr(obj, leaf):
+            raise SystemExit(f"--inductor: torch._inductor.config has no {key}")
+        setattr(obj, leaf, ast.literal_eval(value))
+    if a.blas:
+        torch.backends.cuda.preferred_blas_library(a.blas)
     if a.no_cudagraphs:
         speed.use_cudagraphs = lambda **kw: False
     if a.pageable_collate:
         make_collate = speed.make_collate
         speed.make_collate = lambda family, dataset, pin=False: make_collate(family, dataset, pin=False)
+    if a.eager_rest:
+        from trainables.base import Family
+        from trainables.dinov2_classifier import DinoClassifier
+
+        DinoClassifier.compile_rest = Family.compile_rest  # compiles nothing
     p = speed.prepare(config, spec, None)
     if a.fp8_only:
         from trainables.fp8 import Float8Linear
@@ -236,7 +262,8 @@ def main(argv=None):
                 **({"fp8_only": a.fp8_only} if a.fp8_only else {}),
                 fast_blocks=st.fast_blocks, gelu_epilogue=st.gelu_epilogue, cudagraphs_product=st.cudagraphs, **({"autotune": True} if a.autotune else {}),
                 **({"cudagraphs": True} if a.cudagraphs else {}), **({"patch_conv": True} if a.patch_conv else {}),
-                **({"pageable_collate": True} if a.pageable_collate else {}))
+                **({"pageable_collate": True} if a.pageable_collate else {}),
+                compiled_rest=st.compiled_rest, **({"inductor": a.inductor} if a.inductor else {}), **({"blas": a.blas} if a.blas else {}))
     first = next(iter(p.train_loader(0)))
     units_per_batch = speed.batch_units(first)[1]
     flops = p.flops_unit or 0.0
@@ -272,6 +299,8 @@ def main(argv=None):
             _patch_conv(model)
         if st.compiled:  # CUDA graphs where the product has them (training.fp8 with bf16 weights on CUDA)
             speed.compile_blocks(model, cudagraphs=st.cudagraphs)
+            if st.compiled_rest:  # the parts outside the blocks too, where the product compiles them
+                fam.compile_rest(model)
         model.to(dev)
         opt = torch.optim.AdamW(model.parameters(), lr=hp.lr, fused=dev.type == "cuda" or None)
         bf16 = resolve_precision(m["training"]["precision"], dev.type == "cuda", fam.info) == "bf16-mixed"

@@ -176,6 +176,45 @@ def test_fast_blocks_trial_and_setting(tmp_path):
     assert fast_n == 1 and fp8_n > 0 and kinds == {fast.LayerScaledLinear, Float8Linear}
 
 
+def test_compile_rest_is_the_same_model():
+    """``Family.compile_rest`` (DINOv2: the embeddings, the final LayerNorm and the pooling compiled, each on its
+    own): the same loss and every gradient as the eager model, in fp32 on the CPU, the state dict unchanged; a
+    trial's step compiles them with ``training.compile`` on and leaves them eager with it off."""
+    from trainables import speed
+    from trainables.dinov2_classifier import DinoClassifier, pool
+
+    fam = DinoClassifier()
+    m = resolved(TINY_DINO, ["training.compile=true", "model.config_overrides.num_hidden_layers=2", "resources.gpus=0"])
+    torch.manual_seed(0)
+    p = speed.prepare({"lr": 1e-3, "batch_size": 8}, TrialSpec(manifest=m), None)
+    assert p.stepper.compiled == 2 and p.stepper.compiled_rest == 3
+    model = p.stepper.model
+    assert isinstance(model._pool_fn, type(torch.compile(pool))) and "_pool_fn" not in str(list(model.state_dict()))
+    base = copy.deepcopy(model.cpu())
+    del base._pool_fn
+    for mod in (base.backbone.embeddings, base.backbone.layernorm, *base.backbone.encoder.layer):
+        mod._compiled_call_impl = None  # eager again
+    with torch.no_grad():
+        for q in base.parameters():
+            q.add_(torch.randn_like(q) * 0.05)
+    model.load_state_dict(base.state_dict())
+    x, y = torch.randn(5, 3, 28, 28), torch.tensor([0, 1, 2, 1, 0])
+    grads, losses = [], []
+    for mod in (base, model):
+        mod.zero_grad()
+        loss = nn.functional.cross_entropy(fam.forward(mod, x), y)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: q.grad.clone() for n, q in mod.named_parameters() if q.grad is not None})
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert grads[0].keys() == grads[1].keys() and any("position_embeddings" in n for n in grads[1])
+    for n, g in grads[1].items():
+        if not n.endswith(("k_proj.bias", "key.bias")):  # mathematically zero (softmax ignores a shift)
+            torch.testing.assert_close(g, grads[0][n], rtol=1e-4, atol=1e-5 * float(grads[0][n].abs().max()))
+    off = speed.prepare({"lr": 1e-3, "batch_size": 8}, TrialSpec(manifest=resolved(TINY_DINO, ["training.compile=false", "resources.gpus=0"])), None)
+    assert off.stepper.compiled_rest == 0 and not hasattr(off.stepper.model, "_pool_fn")
+
+
 @_CUDA
 def test_fast_blocks_compiled_step_on_cuda():
     """The product's compiled step with bf16 weights and the fast blocks on the GPU: the same losses as without

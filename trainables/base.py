@@ -105,6 +105,12 @@ class Family:
         changed; a family without such a form changes none."""
         return 0
 
+    def compile_rest(self, model: nn.Module) -> int:
+        """With ``training.compile`` on the fast path: compile the model's parts outside its repeated blocks
+        that run as many small eager kernels (after ``speed.compile_blocks``). Returns how many regions; a
+        family without such parts compiles none."""
+        return 0
+
     # shared ---------------------------------------------------------------------------------
     def loader(self, dataset, batch_size: int, shuffle: bool, seed: int, first_epoch: int = 0):
         """Batches of ``dataset``; shuffled, each epoch's order depends on (seed, epoch) alone, so a

@@ -141,11 +141,20 @@ class DinoClassifier(Family):
         convert_patch_embed(model)
         return convert_layers(repeated_blocks(model, min_len=1))
 
+    def compile_rest(self, model: nn.Module) -> int:
+        """The embeddings (patches, CLS token, position embeddings), the final LayerNorm and the pooling, each
+        compiled on its own. Eager, they ran about 4 ms of a 173 ms ViT-B/14 step at batch 512 on an H200 in a
+        dozen separate kernels (the CLS concatenation alone 0.55 ms, the LayerNorm and its gradient 0.9 ms;
+        profile of 2026-11-28, fifteenth session). Parameters and state dict unchanged."""
+        bb = model.backbone
+        bb.embeddings.compile()
+        bb.layernorm.compile()
+        model._pool_fn = torch.compile(pool)  # a plain attribute: not a module, not in the state dict
+        return 3
+
     def forward(self, model, x):
         h = model.backbone(pixel_values=x).last_hidden_state
-        # DINOv2's linear-probe recipe: the CLS token next to the mean of the patch tokens
-        feats = torch.cat([h[:, 0], h[:, 1:].mean(1)], dim=-1)
-        return model.head(feats)
+        return model.head(getattr(model, "_pool_fn", pool)(h))
 
     def loss(self, model, batch, hp):
         x, y = batch
@@ -164,6 +173,11 @@ class DinoClassifier(Family):
             "val_acc": float((pred == y).float().mean()),
             "val_ece": expected_calibration_error(conf, pred == y),
         }
+
+
+def pool(h: torch.Tensor) -> torch.Tensor:
+    """DINOv2's linear-probe recipe: the CLS token next to the mean of the patch tokens."""
+    return torch.cat([h[:, 0], h[:, 1:].mean(1)], dim=-1)
 
 
 def expected_calibration_error(conf: torch.Tensor, correct: torch.Tensor, bins: int = 15) -> float:

@@ -968,6 +968,8 @@ class Stepper:
                                          bf16_weights=masters, blocks=repeated_blocks(model) is not None,
                                          knob=cuda_graphs)
         self.compiled = compile_blocks(model, hooks_outside=self.fsdp, cudagraphs=self.cudagraphs) if compile_ else 0
+        # the parts outside the blocks (DINOv2: embeddings, final norm, pooling), not under FSDP's hooks
+        self.compiled_rest = family.compile_rest(model) if compile_ and not self.fsdp else 0
         if self.cudagraphs:
             log.info("CUDA graphs for the %d compiled blocks (training.cuda_graphs %s%s, bf16 weights on CUDA)",
                      self.compiled, cuda_graphs, " with training.fp8" if self.fp8 else "")
