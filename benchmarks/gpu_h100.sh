@@ -142,3 +142,15 @@ b --manifest $VB --label vitb-bs512-eager-rest-2 --set search.space.batch_size=5
 b --manifest $VB --label vitb-bs512-compiled-rest-2 --set search.space.batch_size=512 --modes product,loader
 b --manifest $VB --label vitb-bs128-compiled-rest-vs-plain --modes product,plain,plain-clip
 b --manifest $VB --label vitb-bs1024-compiled-rest --set search.space.batch_size=1024 --modes product
+# fc1's weight and bias gradients in one cuBLASLt matmul (BGRADB epilogue; step_bench.py --fc1-bgradb) against
+# PyTorch's matmul and a separate sum, each its own process, twice in turn (the twelfth session's BGRADB form did
+# both layers, and fc2's bias sum is fused into the LayerNorm's backward for free)
+b --manifest $VB --label vitb-bs512-fc1-sum --set search.space.batch_size=512 --modes product
+b --manifest $VB --label vitb-bs512-fc1-bgradb --set search.space.batch_size=512 --modes product --fc1-bgradb
+b --manifest $VB --label vitb-bs512-fc1-sum-2 --set search.space.batch_size=512 --modes product
+b --manifest $VB --label vitb-bs512-fc1-bgradb-2 --set search.space.batch_size=512 --modes product --fc1-bgradb
+# the final code: product against plain at batch 128 (both with the compiled rest), ViT-S/14 at its manifest's batch
+# and settings (CUDA graphs) with the rest compiled and eager, and ViT-B/14 at batch 1024 again
+b --manifest $VS --label vits-bs256-eager-rest --modes product,plain --steps 20 --rounds 5 --eager-rest
+b --manifest $VS --label vits-bs256-compiled-rest --modes product,plain,loader --steps 20 --rounds 5
+b --manifest $VB --label vitb-bs1024-compiled-rest-2 --set search.space.batch_size=1024 --modes product,loader

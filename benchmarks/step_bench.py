@@ -192,6 +192,9 @@ def main(argv=None):
     ap.add_argument("--eager-rest", action="store_true",
                     help="experiment, an A/B: the parts outside the blocks stay eager (Family.compile_rest not "
                          "called; DINOv2's embeddings, final norm and pooling), in the product and the plain loop")
+    ap.add_argument("--fc1-bgradb", action="store_true",
+                    help="experiment, with training.gelu_epilogue: fc1's weight and bias gradients in one cuBLASLt "
+                         "matmul (BGRADB epilogue), in the product and the plain loop (trainables.gelu_lt.FC1_BGRADB)")
     ap.add_argument("--label", default="")
     ap.add_argument("--out", default=None, help="append JSON lines here")
     a = ap.parse_args(argv)
@@ -234,6 +237,10 @@ def main(argv=None):
     if a.pageable_collate:
         make_collate = speed.make_collate
         speed.make_collate = lambda family, dataset, pin=False: make_collate(family, dataset, pin=False)
+    if a.fc1_bgradb:
+        from trainables import gelu_lt
+
+        gelu_lt.FC1_BGRADB = True
     if a.eager_rest:
         from trainables.base import Family
         from trainables.dinov2_classifier import DinoClassifier
@@ -263,7 +270,7 @@ def main(argv=None):
                 fast_blocks=st.fast_blocks, gelu_epilogue=st.gelu_epilogue, cudagraphs_product=st.cudagraphs, **({"autotune": True} if a.autotune else {}),
                 **({"cudagraphs": True} if a.cudagraphs else {}), **({"patch_conv": True} if a.patch_conv else {}),
                 **({"pageable_collate": True} if a.pageable_collate else {}),
-                compiled_rest=st.compiled_rest, **({"inductor": a.inductor} if a.inductor else {}), **({"blas": a.blas} if a.blas else {}))
+                compiled_rest=st.compiled_rest, **({"fc1_bgradb": True} if a.fc1_bgradb else {}), **({"inductor": a.inductor} if a.inductor else {}), **({"blas": a.blas} if a.blas else {}))
     first = next(iter(p.train_loader(0)))
     units_per_batch = speed.batch_units(first)[1]
     flops = p.flops_unit or 0.0

@@ -37,10 +37,12 @@ def _grads(fn, ops, dy):
     return y.detach(), [o.grad for o in ops]
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_gelu_mlp_equals_autograd_on_cpu(compiled):
+@pytest.mark.parametrize("compiled,bgradb", [(False, False), (True, False), (True, True)])
+def test_gelu_mlp_equals_autograd_on_cpu(compiled, bgradb, monkeypatch):
     """The fused MLP's output and all five gradients (input, both weights, both biases) equal autograd's on the
-    tanh-GELU MLP, eager and under torch.compile (the custom ops' fake forms); 3-D inputs keep their shape."""
+    tanh-GELU MLP, eager and under torch.compile (the custom ops' fake forms), with fc1's weight and bias gradients
+    through ``wgrad_bgradb`` too; 3-D inputs keep their shape."""
+    monkeypatch.setattr(gelu_lt, "FC1_BGRADB", bgradb)
     ops = _operands()
     dy = torch.randn(37, 24, generator=torch.Generator().manual_seed(1))  # e = 24 != d = 16
     fn = torch.compile(gelu_lt.gelu_mlp, fullgraph=True) if compiled else gelu_lt.gelu_mlp
@@ -216,15 +218,19 @@ def test_gelu_lt_kernels_on_cuda(m):
     try:
         act, pre = gelu_lt.linear_gelu(x, w1, b1)
         dpre = gelu_lt.dgelu(dy, w2, pre)
+        dw1, db1 = gelu_lt.wgrad_bgradb(dpre, x)
     finally:
         gelu_lt._call = real
-    assert ran == ["lt_linear_gelu", "lt_dgelu"]  # cuBLASLt's kernels, not the plain path
+    assert ran == ["lt_linear_gelu", "lt_dgelu", "lt_wgrad_bgradb"]  # cuBLASLt's kernels, not the plain path
     pre32 = F.linear(x.float(), w1.float(), b1.float())
     act32 = F.gelu(pre32, approximate="tanh")
     dpre32 = torch.ops.aten.gelu_backward(dy.float() @ w2.float(), pre.float(), approximate="tanh")
     torch_bf16 = {"pre": F.linear(x, w1, b1), "act": F.gelu(F.linear(x, w1, b1), approximate="tanh")}
     torch_bf16["dpre"] = torch.ops.aten.gelu_backward(dy @ w2, pre, approximate="tanh")
-    for name, got, want in (("pre", pre, pre32), ("act", act, act32), ("dpre", dpre, dpre32)):
+    dw32, db32 = dpre.float().t() @ x.float(), dpre.float().sum(0)
+    torch_bf16["dw1"], torch_bf16["db1"] = dpre.t() @ x, dpre.sum(0)
+    for name, got, want in (("pre", pre, pre32), ("act", act, act32), ("dpre", dpre, dpre32), ("dw1", dw1, dw32),
+                            ("db1", db1, db32)):
         err = (got.float() - want).abs().max().item()
         ref = (torch_bf16[name].float() - want).abs().max().item()
         scale = want.abs().max().item()
@@ -232,10 +238,14 @@ def test_gelu_lt_kernels_on_cuda(m):
 
 
 @_CUDA
-def test_gelu_epilogue_compiled_step_on_cuda():
+@pytest.mark.parametrize("bgradb", [False, True])
+def test_gelu_epilogue_compiled_step_on_cuda(bgradb, monkeypatch):
     """The product's compiled bf16 step with the GELU epilogues (the cuBLASLt kernels) on the GPU: its losses
-    match the tanh MLP's in plain PyTorch (the same ops taking their PyTorch form) to bf16 rounding."""
+    match the tanh MLP's in plain PyTorch (the same ops taking their PyTorch form) to bf16 rounding; also with
+    fc1's weight and bias gradients in one matmul (``FC1_BGRADB``)."""
     from trainables import speed
+
+    monkeypatch.setattr(gelu_lt, "FC1_BGRADB", bgradb)
 
     losses = {}
     for lt in (True, False):
@@ -255,6 +265,7 @@ def test_gelu_epilogue_compiled_step_on_cuda():
         finally:
             gelu_lt._lt_ok, gelu_lt._call = orig, real
         assert (len(ran) > 0) == lt  # the kernels ran in one arm only
+        assert ("lt_wgrad_bgradb" in ran) == (lt and bgradb)
     assert all(v == v for v in losses[True]) and losses[True][0] == pytest.approx(losses[False][0], rel=0.01)
     assert losses[True] == pytest.approx(losses[False], rel=0.05)
 

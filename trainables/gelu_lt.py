@@ -59,7 +59,10 @@ _LOCK = threading.Lock()
 _LIB: ctypes.CDLL | None = None
 _WS: dict[int, torch.Tensor] = {}
 # which of cuBLASLt's heuristic choices each kernel runs (0: its first; benchmarks/mlp_lt.py times the others)
-ALGO = {"lt_linear_gelu": 0, "lt_dgelu": 0}
+ALGO = {"lt_linear_gelu": 0, "lt_dgelu": 0, "lt_wgrad_bgradb": 0}
+# fc1's weight gradient and b1's gradient in one matmul (BGRADB epilogue) instead of PyTorch's matmul and a separate
+# sum over the 4·d-wide dpre; an experiment switch until measured (benchmarks/step_bench.py --fc1-bgradb)
+FC1_BGRADB = False
 
 
 def _cuda_home() -> Path | None:
@@ -134,7 +137,7 @@ def library() -> ctypes.CDLL:
                     os.unlink(tmp)
             log.info("built %s (%s)", so, " ".join(cmd))
         lib = ctypes.CDLL(str(so))
-        for name in ("lt_linear_gelu", "lt_dgelu"):
+        for name in ("lt_linear_gelu", "lt_dgelu", "lt_wgrad_bgradb"):
             f = getattr(lib, name)
             f.restype = ctypes.c_int
             f.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 5 + [ctypes.c_void_p, ctypes.c_size_t,
@@ -221,6 +224,24 @@ def _(dy, w2, pre):
     return dy.new_empty(dy.shape[0], w2.shape[1])
 
 
+@torch.library.custom_op("sweeper::lt_wgrad_bgradb", mutates_args=())
+def wgrad_bgradb(dz: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear layer's weight and bias gradients ``(dzᵀ x, dz summed over rows)``; dz [M, o], x [M, i]."""
+    torch._check(dz.dim() == 2 and x.dim() == 2 and dz.shape[0] == x.shape[0],
+                 lambda: f"wgrad_bgradb: dz {tuple(dz.shape)}, x {tuple(x.shape)}")
+    if _lt_ok(dz, x) and x.shape[1] % 8 == 0 and dz.shape[1] % 8 == 0:
+        m, i, o = dz.shape[0], x.shape[1], dz.shape[1]
+        dw, db = dz.new_empty(o, i), dz.new_empty(o)
+        if m and _call("lt_wgrad_bgradb", (m, i, o), dz, x, dw, db, db):
+            return dw, db
+    return dz.t() @ x, dz.sum(0, dtype=torch.float32).to(dz.dtype)
+
+
+@wgrad_bgradb.register_fake
+def _(dz, x):
+    return dz.new_empty(dz.shape[1], x.shape[1]), dz.new_empty(dz.shape[1])
+
+
 class _GeluMLP(torch.autograd.Function):
     """``y = gelu_tanh(x W1ᵀ + b1) W2ᵀ + b2`` on 2-D operands of one dtype, with the fused backward."""
 
@@ -237,8 +258,11 @@ class _GeluMLP(torch.autograd.Function):
         dpre = dgelu(dy, w2, pre)
         # the bias sums by PyTorch (Inductor fuses them): cuBLASLt's DGELU_BGRAD and BGRADB epilogues, which sum
         # inside the matmuls, were slower (benchmarks/results/gpu_2026-11-28-twelfth.md)
-        return (dpre @ w1, dpre.t() @ x, dpre.sum(0, dtype=torch.float32).to(dpre.dtype), dy.t() @ act,
-                dy.sum(0, dtype=torch.float32).to(dy.dtype))
+        if FC1_BGRADB:
+            dw1, db1 = wgrad_bgradb(dpre, x)
+        else:
+            dw1, db1 = dpre.t() @ x, dpre.sum(0, dtype=torch.float32).to(dpre.dtype)
+        return dpre @ w1, dw1, db1, dy.t() @ act, dy.sum(0, dtype=torch.float32).to(dy.dtype)
 
 
 def gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:

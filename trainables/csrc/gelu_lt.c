@@ -9,8 +9,9 @@
  * column-major: D [f, M] = op(A) B with B = x^T [d, M] (or dy^T [e, M]) and
  *   forward:  A = W1 stored as [d, f] (ld d), op = T;  epilogue GELU_AUX_BIAS: D = gelu(AB + bias), aux = AB + bias
  *   backward: A = W2 stored as [f, e] (ld f), op = N;  epilogue DGELU: D = AB * gelu'(aux).
- * b1's gradient (dpre's row sums) is left to PyTorch: cuBLASLt's DGELU_BGRAD, which also sums it, ran 3.47 ms
- * against 1.22 ms for DGELU at ViT-B/14's batch 512 on the H100 (benchmarks/results/gpu_2026-11-28-twelfth.md).
+ * b1's gradient (dpre's row sums): cuBLASLt's DGELU_BGRAD, which sums it in the backward's first matmul, ran
+ * 3.47 ms against 1.22 ms for DGELU at ViT-B/14's batch 512 on the H100 (benchmarks/results/
+ * gpu_2026-11-28-twelfth.md); lt_wgrad_bgradb below sums it in the weight-gradient matmul instead.
  * cuBLASLt's GELU is the tanh form (PyTorch's gelu(approximate="tanh")).
  *
  * Every call runs the heuristic's choice number `which` (0: its first) of up to 16 for the shape (the answers
@@ -45,7 +46,7 @@ static int matmul(cublasLtEpilogue_t epi, cublasOperation_t ta, int m, int n, in
     cublasLtMatmulDesc_t op = NULL;
     cublasLtMatrixLayout_t la = NULL, lb = NULL, ld = NULL;
     cublasLtMatmulPreference_t pref = NULL;
-    cublasOperation_t tb = CUBLAS_OP_N;
+    cublasOperation_t tb = epi == CUBLASLT_EPILOGUE_BGRADB ? CUBLAS_OP_T : CUBLAS_OP_N;
     float one = 1.0f, zero = 0.0f;
     cublasLtMatmulAlgo_t algo;
     int i, hit = -1, locked = 0;
@@ -63,7 +64,7 @@ static int matmul(cublasLtEpilogue_t epi, cublasOperation_t ta, int m, int n, in
         CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &ldaux, sizeof(ldaux)));
     }
     CHECK(cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, ta == CUBLAS_OP_N ? m : k, ta == CUBLAS_OP_N ? k : m, lda));
-    CHECK(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, k, n, ldb));
+    CHECK(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, tb == CUBLAS_OP_N ? k : n, tb == CUBLAS_OP_N ? n : k, ldb));
     CHECK(cublasLtMatrixLayoutCreate(&ld, CUDA_R_16BF, m, n, ldd));
 
     for (i = 0; i < CACHE; i++)
@@ -113,5 +114,15 @@ int lt_dgelu(int M, int e, int f, const void *dy, const void *w2, void *pre, voi
              void *ws, size_t ws_size, void *stream, int which) {
     (void)unused;
     return matmul(CUBLASLT_EPILOGUE_DGELU, CUBLAS_OP_N, f, M, e, w2, f, dy, e, dpre, f, NULL, pre, f,
+                  ws, ws_size, stream, which);
+}
+
+/* The weight and bias gradients of a linear layer z = x W^T + b from dz [M, o] and x [M, i]: dw [o, i] = dz^T x and
+ * db [o] = dz summed over rows, in one matmul (column-major D [i, o] = x^T-as-stored [i, M] times op(B) [M, o],
+ * B = dz stored [o, M] (ld o) and transposed; the BGRADB epilogue sums op(B) over the product's k = M). */
+int lt_wgrad_bgradb(int M, int i, int o, const void *dz, const void *x, void *dw, void *db, void *unused,
+                    void *ws, size_t ws_size, void *stream, int which) {
+    (void)unused;
+    return matmul(CUBLASLT_EPILOGUE_BGRADB, CUBLAS_OP_N, i, o, M, x, i, dz, o, dw, i, db, NULL, 0,
                   ws, ws_size, stream, which);
 }
