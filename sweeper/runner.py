@@ -404,6 +404,19 @@ def set_aside_torn_snapshots(exp_dir: Path, note=lambda s: None) -> list[str]:
     return torn
 
 
+def reuse_actors(m) -> bool:
+    """Whether Tune reuses a trial's actor for the next trial (it saves the process start and the imports). Not
+    where the trials replay CUDA graphs (``training.cuda_graphs: true``, or ``auto`` with ``fp8``, on GPUs): seen
+    on an H200 with PyTorch 2.11 (fifteenth session), the next trial on a reused actor failed in its first compiled
+    step, first on the graphs its predecessor's blocks had recorded ("Running CUDAGraph after shutdown"; the compiled
+    code is now dropped at the end of a trial, ``trial.release_memory``) and then on the graph trees' per-thread
+    state, which 2.11 sets up only for the thread that first used them (each trial runs on a new thread). Tune's
+    retries hid it. A fresh process per trial starts clean."""
+    tr, res = m.training, m.resources
+    graphs = tr.cuda_graphs is True or (tr.cuda_graphs == "auto" and tr.fp8)
+    return not (graphs and res.gpus != 0)
+
+
 def run_phase(loaded: Loaded, sweep_dir: Path, *, phase: str = "sweep", spec_overrides: dict | None = None,
               num_samples: int | None = None, searcher=True, param_space: dict | None = None,
               retry_errored: bool = False, quiet: bool = False) -> list[dict]:
@@ -480,7 +493,7 @@ def run_phase(loaded: Loaded, sweep_dir: Path, *, phase: str = "sweep", spec_ove
                 max_concurrent_trials=concurrency,
                 metric=m.selection.metric,
                 mode=m.selection.mode,
-                reuse_actors=True,
+                reuse_actors=reuse_actors(m),
                 trial_name_creator=trial_name,
                 trial_dirname_creator=trial_name,
             ),

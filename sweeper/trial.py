@@ -528,8 +528,14 @@ def release_memory() -> None:
     import sys
 
     graphs = sys.modules.get("torch._inductor.cudagraph_trees")
-    if graphs is not None:  # CUDA graphs (training.fp8) hold a private memory pool until their trees are reset
+    # CUDA graphs (training.cuda_graphs, on with training.fp8) hold a private memory pool until their trees are
+    # reset. The compiled code that Dynamo keeps for the block's class still calls into those trees, and the next
+    # trial's blocks (same class, same code) would reuse it: "Running CUDAGraph after shutdown" in its first step,
+    # seen on an H200 in a sweep of the ViT-S/14 GPU manifest on reused actors (fifteenth session). So the compiled
+    # code goes too, and that trial compiles and records its own graphs.
+    if graphs is not None and _graph_trees_in_use(graphs):
         graphs.reset_cudagraph_trees()
+        sys.modules["torch._dynamo"].reset()
     gc.collect()
     torch = sys.modules.get("torch")  # never import torch for a trial that did not (sleep_bench)
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -546,6 +552,16 @@ def release_memory() -> None:
                "reserved": torch.cuda.memory_reserved() if on else 0}
         with open(log_path, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
+
+
+def _graph_trees_in_use(graphs) -> bool:
+    """Whether this thread holds a CUDA graph tree (``torch._inductor.cudagraph_trees``' per-thread containers)."""
+    import torch
+
+    if not torch._C._is_key_in_tls("tree_manager_containers"):
+        return False
+    containers = graphs.get_obj(graphs.local, "tree_manager_containers")
+    return any(c is not None and c.tree_manager is not None for c in containers.values())
 
 
 def _run_worker_group(config: dict, spec: TrialSpec) -> None:

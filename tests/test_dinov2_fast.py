@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from sweeper.trial import ListReporter, TrialSpec, train_loop
-from tests.test_trainables import TINY_DINO, resolved
+from tests.test_trainables import TINY_DINO, TINY_QWEN, resolved
 from trainables import dinov2_fast as fast
 
 _CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -265,6 +265,50 @@ def test_cuda_graphs_setting():
     demo = ROOT / "search_spaces/qwen-tiny_regression_cpu.yaml"
     assert mf.load(demo, ["training.cuda_graphs=auto"]).identity() == "2d3cf794bc"
     assert mf.load(demo, ["training.cuda_graphs=false"]).identity() != "2d3cf794bc"
+
+
+def test_cuda_graphs_trials_get_fresh_actors():
+    """A sweep whose trials replay CUDA graphs on GPUs (``cuda_graphs: true``, or ``auto`` with ``fp8``) gives each
+    trial a fresh Ray actor; every other sweep reuses them (``runner.reuse_actors``)."""
+    import copy as _copy
+
+    from sweeper import manifest
+    from sweeper.runner import reuse_actors
+
+    def model(overrides):
+        d = _copy.deepcopy(TINY_DINO)
+        _, problems = manifest.apply_overrides(d, overrides)
+        return manifest.validate_data(d, "test", problems)
+
+    gpu = ["resources.gpus=1", "training.compile=true"]
+    assert reuse_actors(model([])) and reuse_actors(model(gpu))
+    assert not reuse_actors(model([*gpu, "training.cuda_graphs=true"]))
+    assert reuse_actors(model([*gpu, "training.cuda_graphs=false"]))
+    q = _copy.deepcopy(TINY_QWEN)
+    _, problems = manifest.apply_overrides(q, [*gpu, "training.fp8=true"])
+    assert not reuse_actors(manifest.validate_data(q, "test", problems))
+    _, problems = manifest.apply_overrides(q, ["training.cuda_graphs=false"])
+    assert reuse_actors(manifest.validate_data(q, "test", problems))
+
+
+@_CUDA
+def test_cuda_graphs_trials_one_after_another_in_one_process(tmp_path):
+    """Two trials with ``training.cuda_graphs: true``, one after the other in one process as on a reused Ray actor,
+    ``release_memory`` between them (as ``trial_fn`` does): the second records its own graphs and trains. Before the
+    mend the second failed in its first compiled step: "Running CUDAGraph after shutdown"."""
+    from sweeper.trial import release_memory
+    from tests.test_fp8 import _graphs_recorded
+
+    m = resolved(TINY_DINO, ["training.max_epochs=2", "scheduler.max_t=2", "resources.gpus=1",
+                             "training.compile=true", "training.cuda_graphs=true",
+                             "model.config_overrides.num_hidden_layers=2"])
+    torch._dynamo.reset()
+    for i in range(2):
+        rep = ListReporter(str(tmp_path / f"t{i}"))
+        train_loop({"lr": 1e-3, "batch_size": 16}, TrialSpec(manifest=m), rep)
+        assert rep.reports[-1]["epoch"] == 2 and all(r["val_loss"] == r["val_loss"] for r in rep.reports)
+        assert _graphs_recorded() > 0
+        release_memory()
 
 
 @_CUDA
