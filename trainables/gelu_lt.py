@@ -61,7 +61,8 @@ _WS: dict[int, torch.Tensor] = {}
 # which of cuBLASLt's heuristic choices each kernel runs (0: its first; benchmarks/mlp_lt.py times the others)
 ALGO = {"lt_linear_gelu": 0, "lt_dgelu": 0, "lt_wgrad_bgradb": 0}
 # fc1's weight gradient and b1's gradient in one matmul (BGRADB epilogue) instead of PyTorch's matmul and a separate
-# sum over the 4·d-wide dpre; an experiment switch until measured (benchmarks/step_bench.py --fc1-bgradb)
+# sum over the 4·d-wide dpre. An experiment switch, off: no faster for ViT-B/14 bs 512 on an H200 (172.8 ms either
+# way, fifteenth session, benchmarks/results/gpu_2026-11-28-fifteenth.md; benchmarks/step_bench.py --fc1-bgradb)
 FC1_BGRADB = False
 
 
