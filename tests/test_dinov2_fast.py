@@ -270,13 +270,11 @@ def test_cuda_graphs_setting():
 def test_cuda_graphs_trials_get_fresh_actors():
     """A sweep whose trials replay CUDA graphs on GPUs (``cuda_graphs: true``, or ``auto`` with ``fp8``) gives each
     trial a fresh Ray actor; every other sweep reuses them (``runner.reuse_actors``)."""
-    import copy as _copy
-
     from sweeper import manifest
     from sweeper.runner import reuse_actors
 
-    def model(overrides):
-        d = _copy.deepcopy(TINY_DINO)
+    def model(overrides, base=TINY_DINO):
+        d = copy.deepcopy(base)
         _, problems = manifest.apply_overrides(d, overrides)
         return manifest.validate_data(d, "test", problems)
 
@@ -284,11 +282,8 @@ def test_cuda_graphs_trials_get_fresh_actors():
     assert reuse_actors(model([])) and reuse_actors(model(gpu))
     assert not reuse_actors(model([*gpu, "training.cuda_graphs=true"]))
     assert reuse_actors(model([*gpu, "training.cuda_graphs=false"]))
-    q = _copy.deepcopy(TINY_QWEN)
-    _, problems = manifest.apply_overrides(q, [*gpu, "training.fp8=true"])
-    assert not reuse_actors(manifest.validate_data(q, "test", problems))
-    _, problems = manifest.apply_overrides(q, ["training.cuda_graphs=false"])
-    assert reuse_actors(manifest.validate_data(q, "test", problems))
+    assert not reuse_actors(model([*gpu, "training.fp8=true"], TINY_QWEN))
+    assert reuse_actors(model([*gpu, "training.fp8=true", "training.cuda_graphs=false"], TINY_QWEN))
 
 
 @_CUDA
