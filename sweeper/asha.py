@@ -43,6 +43,29 @@ def _register_staging(ctrl) -> None:
 SNAPSHOT_DELAY_S = 0.05
 
 
+def drop_stale_decisions(tune_controller, trial) -> None:
+    """Forget any decision Tune holds back for ``trial`` as it is added to the controller.
+
+    Tune caches a decision (``STOP``, ``PAUSE``, ``CONTINUE``) for a trial whose checkpoint is being saved and
+    carries it out when the save resolves. The cache is part of the experiment snapshot. A trial killed while
+    its save was in flight leaves its entry there for good: its save never resolves, and Tune caches a STOP
+    for it as it errors. When ``sweeper resume --retry-errored`` (or a resume after a killed driver) restores
+    the snapshot, the stale decision comes back with it, and the first checkpoint the restored trial saves
+    carries it out. Seen in a CI run (``test_faults_trial.py``, fifteenth session): the retried trial was
+    stopped after one epoch and recorded ``stopped at epoch 8 of 14``, with no error and no stopper; a stale
+    PAUSE would park a trial that no scheduler had paused. A trial is added only when it is new or restored,
+    and then nothing of it is in flight, so whatever is held back for it is stale (Ray 2.60 keeps these in the
+    controller's ``_cached_trial_decisions`` and ``_queued_trial_decisions``; a Ray without them is left as
+    it is)."""
+    ctrl = getattr(tune_controller, "_tune_controller", tune_controller)
+    for name in ("_cached_trial_decisions", "_queued_trial_decisions"):
+        held = getattr(ctrl, "__dict__", {}).get(name)
+        if isinstance(held, dict) and trial.trial_id in held:
+            decision = held.pop(trial.trial_id)
+            log.warning("trial %s: dropped a %s decision left in the experiment snapshot by the run before "
+                        "(its checkpoint save never finished)", trial.trial_id, decision)
+
+
 class SnapshotOnChange:
     """Scheduler mixin: Tune snapshots the experiment within ``SNAPSHOT_DELAY_S`` of a trial being
     added, not only when its snapshot period has passed.
@@ -87,6 +110,7 @@ class SnapshotOnChange:
         mgr._last_save_time = min(mgr._last_save_time, due)
 
     def on_trial_add(self, tune_controller, trial):
+        drop_stale_decisions(tune_controller, trial)
         super().on_trial_add(tune_controller, trial)
         self._force_snapshot(tune_controller)
 

@@ -14,10 +14,12 @@ from a watcher thread in the test: product code has no test hook.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import signal
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import psutil
@@ -25,6 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from sweeper.runner import LAST_GOOD
 from sweeper.watchdog import HangWatchdog
 from tests._faults import Driver, find_sweep_dir, ray_processes, result_lines, short_tmp, trial_dirs
 from tests.conftest import TINY_QWEN
@@ -113,6 +116,30 @@ def _epochs(sweep_dir: Path, trial: str) -> list[int]:
     return [r["epoch"] for r in result_lines(sweep_dir / "sweep" / "tune" / trial)]
 
 
+def _hold_stale_decision(sweep_dir: Path, tid: str, decision: str) -> None:
+    """Write into the newest experiment snapshot the decision Tune caches for a trial killed during its save: the
+    file in the experiment dir and its copy in the kept set (``runner.SnapshotKeeper``), which a resume would
+    otherwise put back over a file that differs from it."""
+    tune_dir = sweep_dir / "sweep" / "tune"
+    newest = max(tune_dir.glob("experiment_state-*.json"), key=lambda f: f.name)
+    state = json.loads(newest.read_text())
+    state["runner_data"]["_cached_trial_decisions"][tid] = decision
+    data = json.dumps(state).encode()
+    tmp = newest.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, newest)
+    kept = tune_dir / LAST_GOOD / (newest.name[len("experiment_state-"):-len(".json")] + ".zip")
+    assert kept.is_file(), sorted(p.name for p in (tune_dir / LAST_GOOD).iterdir())
+    with zipfile.ZipFile(kept) as zf:
+        files = {n: zf.read(n) for n in zf.namelist()}
+    assert newest.name in files, sorted(files)
+    files[newest.name] = data
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
+        for n, b in files.items():
+            zf.writestr(n, b)
+    os.replace(tmp, kept)
+
+
 def _rows(sweep_dir: Path) -> dict[str, dict]:
     return {r["trial_id"]: r for r in pq.read_table(sweep_dir / "sweep" / "trials.parquet").to_pylist()}
 
@@ -172,6 +199,10 @@ def test_max_failures_2_errors_then_resume_retry_errored_finishes_it(tmp_path):
     assert others and all(r["status"] == "completed" for r in others)
     before = _epochs(sweep_dir, w.target)
     assert before == sorted(set(before)) and before[-1] < EPOCHS, before
+    # A kill that lands while the trial's checkpoint is being saved leaves Tune's STOP for it cached in the
+    # snapshot, and the retried trial used to be stopped at its first checkpoint (a CI run, fifteenth session).
+    # The kill's timing decides whether that happens; the snapshot is made to hold it every time.
+    _hold_stale_decision(sweep_dir, tid, "STOP")
 
     d2 = Driver(["resume", str(sweep_dir), "--retry-errored", "-q"], ray_tmp)
     try:
