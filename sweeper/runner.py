@@ -474,11 +474,14 @@ def run_phase(loaded: Loaded, sweep_dir: Path, *, phase: str = "sweep", spec_ove
     else:
         srch, fixed = make_searcher(m.search, m.selection.metric, m.selection.mode) if searcher else (None, {})
         concurrency = m.search.max_concurrent
-        if phase == "sweep" and m.scheduler.type == "asha" and m.scheduler.variant == "promotion":
-            # trials paused at a rung must not hold the searcher's concurrency slots (space.py)
+        promotion = phase == "sweep" and m.scheduler.type == "asha" and m.scheduler.variant == "promotion"
+        if srch is not None and concurrency:
+            # sweeper's limiter, not Tune's (space.py): trials paused at a rung do not hold the searcher's
+            # concurrency slots, and a retried errored trial's result still reaches the searcher
             from .space import PauseAwareLimiter
 
-            srch = PauseAwareLimiter(srch, concurrency) if srch is not None else None
+            srch, concurrency = PauseAwareLimiter(srch, concurrency), None
+        elif promotion:
             concurrency = None  # without a searcher, the trials' resources bound concurrency
         space = dict(fixed)
         if param_space:

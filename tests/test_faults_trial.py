@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pickle
 import signal
 import threading
 import time
@@ -26,8 +27,10 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from optuna.trial import TrialState
 
 from sweeper.runner import LAST_GOOD
+from sweeper.space import RETRY_ATTR
 from sweeper.watchdog import HangWatchdog
 from tests._faults import Driver, find_sweep_dir, ray_processes, result_lines, short_tmp, trial_dirs
 from tests.conftest import TINY_QWEN
@@ -217,6 +220,15 @@ def test_max_failures_2_errors_then_resume_retry_errored_finishes_it(tmp_path):
     after = _epochs(sweep_dir, w.target)
     assert after[: len(before)] == before and after == sorted(set(after)) and after[-1] == EPOCHS, after
     assert len(rows) == 2 and all(r["status"] == "completed" for r in rows.values())
+    # the searcher learnt the retried trial's value (space.RetryAwareOptunaSearch): its study, as the resumed run
+    # snapshotted it, holds the errored trial as FAIL and the retry's result as a COMPLETE trial, same parameters
+    newest = max((sweep_dir / "sweep" / "tune").glob("searcher-state-*.pkl"), key=lambda f: f.name)
+    study = pickle.loads(newest.read_bytes())["_ot_study"]  # written by Tune in this test
+    retried = [t for t in study.get_trials() if t.user_attrs.get(RETRY_ATTR) == tid]
+    failed = [t for t in study.get_trials() if t.state == TrialState.FAIL]
+    assert len(retried) == 1 and len(failed) == 1, study.get_trials()
+    assert retried[0].state == TrialState.COMPLETE and retried[0].params == failed[0].params
+    assert retried[0].value == result_lines(sweep_dir / "sweep" / "tune" / w.target)[-1]["val_mae"]
 
 
 @pytest.mark.slow

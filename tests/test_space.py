@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import optuna
 import optuna.distributions as od
 import pytest
@@ -74,3 +76,46 @@ def test_make_searcher_builds_seeded_optuna_search(algo):
     assert fixed == {"bs": 16}
     sampler = searcher._sampler
     assert isinstance(sampler, optuna.samplers.TPESampler if algo == "optuna" else optuna.samplers.RandomSampler)
+
+
+def test_retried_trial_result_reaches_the_study_once(tmp_path):
+    """A trial Tune reported as errored (Optuna: FAIL) and then finished by ``resume --retry-errored``: its final
+    value enters the study as a COMPLETE trial with the same parameters, once, and survives the searcher's
+    save and restore; its per-epoch results raise no warnings. A trial that did not error is unaffected."""
+    from optuna.trial import TrialState
+
+    from sweeper.space import RETRY_ATTR
+
+    s = spec({"lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}, "wd": {"type": "uniform", "low": 0, "high": 1}})
+    searcher, _ = make_searcher(s, "val_mae", "min")
+    a, b = searcher.suggest("a"), searcher.suggest("b")
+    searcher.on_trial_result("b", {"val_mae": 0.9, "training_iteration": 1})
+    searcher.on_trial_complete("b", result={"val_mae": 0.8, "training_iteration": 2})
+    searcher.on_trial_complete("a", error=True)
+    states = [t.state for t in searcher._ot_study.get_trials()]
+    assert states == [TrialState.FAIL, TrialState.COMPLETE]  # a was asked first
+
+    seen: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    ray_log = logging.getLogger("ray.tune.search.optuna.optuna_search")  # Ray's loggers do not propagate
+    ray_log.addHandler(handler)
+    try:
+        searcher.on_trial_result("a", {"val_mae": 0.5, "training_iteration": 8})
+        searcher.on_trial_complete("a", result={"val_mae": 0.4, "training_iteration": 14})
+        searcher.on_trial_complete("a", result={"val_mae": 0.4, "training_iteration": 14})  # a second notice
+    finally:
+        ray_log.removeHandler(handler)
+    assert not seen, seen
+
+    path = tmp_path / "searcher.pkl"
+    searcher.save(str(path))
+    again, _ = make_searcher(s, "val_mae", "min")
+    again.restore(str(path))
+    trials = again._ot_study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    retried = trials[2]
+    assert retried.value == 0.4 and retried.params == a and retried.user_attrs == {RETRY_ATTR: "a"}
+    assert trials[1].params == b and trials[1].value == 0.8
+    # the next configuration is proposed from a study that holds both values
+    assert again.suggest("c") is not None and len(again._ot_study.get_trials()) == 4
