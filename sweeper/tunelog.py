@@ -18,7 +18,8 @@ stdin; a full pipe blocks that thread, never the driver. The child starts when t
 starts. It flushes by the writer's 30 s timer and at each trial's end, not per result.
 ``on_experiment_end`` closes the pipe and waits for the child, so the files are complete when
 ``fit`` returns. Being a ``TBXLoggerCallback``, this replaces Tune's default one. The CSV and JSON
-loggers (``progress.csv``/``result.json``, which the results tables read) are untouched.
+loggers (``progress.csv``/``result.json``, which the results tables read) are Tune's, except that a restored
+trial's files carry on from the sweep dir's copies (``_HistoryFromStorage``).
 If the child cannot start or dies, the sweep goes on without event files, with one log line.
 """
 
@@ -35,7 +36,7 @@ import sys
 import threading
 from pathlib import Path
 
-from ray.tune.logger import TBXLoggerCallback
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
 
 log = logging.getLogger("sweeper")
 
@@ -156,7 +157,53 @@ def _picklable(item):
     return tuple({k: v for k, v in x.items() if ok(v)} if isinstance(x, dict) else x for x in item)
 
 
+class _HistoryFromStorage:
+    """Mixin for Tune's JSON and CSV loggers: a trial's ``result.json`` / ``progress.csv`` carry on from the copy in
+    the sweep dir when this driver has none yet.
+
+    Each driver session writes these files in its own staging dir and uploads them over the sweep dir's copies.
+    On a restore Tune copies the sweep dir's file down first, but only for a trial whose snapshot holds a
+    checkpoint (``LoggerCallback._restore_from_remote``). A trial the snapshot held without one (a driver killed
+    before the trial's first checkpoint was registered, though its epochs had run and been logged) started its
+    file again from nothing, and the upload replaced the sweep dir's history with it: its earlier epochs were gone
+    from ``result.json`` and ``metrics.parquet`` (docs/reliability.md, "Lost result history"). Here the sweep dir's
+    file is copied down whenever the staging dir has no file of that name yet, checkpoint or not; up to its last
+    complete line, so that a copy torn by a killed upload does not leave a broken line in the middle. A file this
+    driver already writes (a retry within the session) is kept as it is: it is the newest."""
+
+    def _restore_from_remote(self, file_name: str, trial) -> None:
+        import pyarrow.fs
+
+        local = Path(trial.local_path, file_name)
+        if local.exists() and local.stat().st_size > 0:
+            return
+        fs, remote = trial.storage.storage_filesystem, Path(trial.storage.trial_fs_path, file_name).as_posix()
+        try:
+            if fs.get_file_info(remote).type != pyarrow.fs.FileType.File:
+                return  # a new trial
+            with fs.open_input_stream(remote) as f:
+                data = f.readall()
+        except Exception as exc:  # noqa: BLE001 - unreadable: start the file as Tune would
+            log.warning("trial %s: could not read %s from the sweep dir (%s); it starts again", trial, file_name, exc)
+            return
+        data = data[: data.rfind(b"\n") + 1]
+        if data:
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.write_bytes(data)
+
+
+class HistoryJsonLogger(_HistoryFromStorage, JsonLoggerCallback):
+    """Tune's ``result.json`` logger, carrying a restored trial's history on (``_HistoryFromStorage``)."""
+
+
+class HistoryCSVLogger(_HistoryFromStorage, CSVLoggerCallback):
+    """Tune's ``progress.csv`` logger, carrying a restored trial's history on (``_HistoryFromStorage``)."""
+
+
 def loggers() -> list:
+    """The sweep's Tune loggers: JSON and CSV that keep a restored trial's history (``_HistoryFromStorage``),
+    and TensorBoard's event files written by a child process where tensorboardX is installed."""
+    hist = [HistoryJsonLogger(), HistoryCSVLogger()]
     if importlib.util.find_spec("tensorboardX") is None:
-        return []  # not installed: Tune's default handling (an info line, no event files)
-    return [BackgroundTBXLoggerCallback()]
+        return hist  # not installed: Tune's default handling (an info line, no event files)
+    return [*hist, BackgroundTBXLoggerCallback()]
