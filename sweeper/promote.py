@@ -117,7 +117,7 @@ def summarize_fanout(rows: list[dict], candidates: list[dict], metric: str, mode
 def run_pipeline(loaded: Loaded, *, address=None, rerun=False, retry_errored=False, quiet=False, dashboard=True,
                  from_checkpoint: str | None = None) -> tuple[Path, dict]:
     """Phase 1 (unless --from-checkpoint), then the promotion the manifest declares."""
-    from .runner import init_ray, run_phase, run_sweep
+    from .runner import run_sweep
 
     m = loaded.manifest
     gates = m.gate_list()
@@ -140,6 +140,17 @@ def run_pipeline(loaded: Loaded, *, address=None, rerun=False, retry_errored=Fal
             if verdicts:
                 raise GateFailed(f"{sweep_dir.name}: no phase-1 trial passes the gates; best: {verdicts[0]}")
             raise NoResult(f"{sweep_dir.name}: no phase-1 trial has a checkpoint to promote")
+    # one driver per sweep dir for the promotion too: a second one would run the fan-out again beside it
+    with artifacts.SweepLock(sweep_dir):
+        return _promote(loaded, sweep_dir, candidates, gates, address=address, quiet=quiet, dashboard=dashboard)
+
+
+def _promote(loaded: Loaded, sweep_dir: Path, candidates: list[dict], gates, *, address, quiet, dashboard):
+    """The promotion after phase 1 (or from a given checkpoint): fine-tune, fan-out, export, each recorded in
+    ``promotion.json`` as it completes, so that the same command resumes where it stopped."""
+    from .runner import init_ray
+
+    m = loaded.manifest
     state = read_promotion(sweep_dir)
     cand_ids = [c["trial_id"] for c in candidates]
     if state.get("candidate_ids") not in (None, cand_ids):

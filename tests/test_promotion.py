@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -188,6 +190,21 @@ def test_sweep_gate_fanout_export_and_idempotent_rerun(ray_session, write_manife
     assert (sweep_dir / "fanout" / "trials.parquet").stat().st_mtime_ns == mtime
     assert json.loads((sweep_dir / "promotion.json").read_text())["fanout"] == json.loads(before)["fanout"]
     assert len(list((sweep_dir / "fanout").glob("*/*/params.json"))) <= 6  # no extra trial dirs
+    # another driver holds the sweep dir (a live process named in .lock): the promotion is refused, exit 2, and
+    # the other driver's lock stays
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (sweep_dir / ".lock").write_text(f"{other.pid} elsewhere\n")
+        rc, out, err = _run_cli(["--manifest", str(p), "-q"], capsys)
+        assert rc == EXIT_USER and f"another sweeper process (pid {other.pid}) is running this sweep" in err, (rc, err)
+        assert "Traceback" not in err and (sweep_dir / ".lock").read_text().split()[0] == str(other.pid)
+        assert json.loads((sweep_dir / "promotion.json").read_text())["fanout"] == json.loads(before)["fanout"]
+    finally:
+        other.kill()
+        other.wait()
+    rc, out, err = _run_cli(["--manifest", str(p), "-q"], capsys)  # its process gone: the stale lock is taken over
+    assert rc == 0, err
+    assert not (sweep_dir / ".lock").exists()
 
 
 def test_failed_gate_stops_with_verdict_and_keeps_everything(ray_session, write_manifest, tiny_qwen, capsys):
