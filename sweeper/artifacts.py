@@ -26,12 +26,13 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
-from .fsutil import atomic_write_text, replace_symlink
+from .fsutil import atomic_write_text, remove_stale_temp, replace_symlink
 from .manifest import Loaded
 from .paths import contained, ensure_dir, safe_name
 
 log = logging.getLogger("sweeper")
 LINKS = ("best", "second_best", "third_best")
+PHASE_DIRS = ("sweep", "finetune", "fanout")  # a sweep dir's Tune phases, each with its own tables
 
 
 def results_root(m) -> Path:
@@ -92,6 +93,11 @@ class SweepLock:
                 raise UserError(f"{self.path.parent}: locked by another user's process") from None
         # rename over the path: a planted symlink is replaced, never written through
         atomic_write_text(self.path, f"{os.getpid()} {socket.gethostname()}\n")
+        # the temp files of writers killed mid-write (tables, state, promotion): only the lock holder writes here
+        sweep_dir = self.path.parent
+        n = sum(remove_stale_temp(d) for d in (sweep_dir, *(sweep_dir / p for p in PHASE_DIRS)))
+        if n:
+            log.info("%s: removed %d temp file(s) left by a killed writer", sweep_dir, n)
         return self
 
     def __exit__(self, *exc):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
@@ -62,3 +63,23 @@ def replace_symlink(link: str | os.PathLike, target: str | os.PathLike) -> None:
         os.unlink(tmp)
     os.symlink(os.fspath(target), tmp)
     os.replace(tmp, link)
+
+
+# what ``atomic_open`` (``tempfile.mkstemp``: 8 random characters) and studydb (``.<pid>.tmp``) name their temp files
+_TEMP_NAME = re.compile(r"^\..+\.([a-z0-9_]{8}|[0-9]+)\.tmp$")
+
+
+def remove_stale_temp(directory: str | os.PathLike) -> int:
+    """Remove the temp files a killed writer left in ``directory`` (hidden ``.<name>.<random>.tmp`` files, not dirs,
+    not links, not in subdirectories). Call it only where no other process writes there (under ``SweepLock``).
+    Returns how many were removed."""
+    d = Path(directory)
+    if d.is_symlink() or not d.is_dir():
+        return 0
+    n = 0
+    for entry in os.scandir(d):
+        if _TEMP_NAME.match(entry.name) and entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                n += 1
+    return n

@@ -365,3 +365,27 @@ def test_check_inside_refuses_non_paths(sandbox):
     for bad in (None, 3, ["a"]):
         with pytest.raises(UserError):
             check_inside(root, bad)
+
+
+def test_taking_the_sweep_lock_removes_only_the_temp_files_of_killed_writers(tmp_path):
+    """Under ``SweepLock`` the temp files ``atomic_open`` and studydb name (``.<name>.<random>.tmp``) in the sweep dir
+    and its phase dirs are removed; other hidden files, dirs, links (not followed) and nested files stay."""
+    from sweeper.artifacts import SweepLock
+
+    sweep = tmp_path / "s-0000000000"
+    for d in ("sweep", "fanout", "sweep/tune"):
+        (sweep / d).mkdir(parents=True)
+    stale = [sweep / ".state.json.k2j4h5g6.tmp", sweep / "sweep" / ".trials.parquet.ab12_x9z.tmp",
+             sweep / "sweep" / ".optuna_study.db.4321.tmp", sweep / "fanout" / ".metrics.parquet.q1w2e3r4.tmp"]
+    outside = tmp_path / "victim.txt"
+    outside.write_text("keep")
+    kept = [sweep / "sweep" / ".keep.tmp", sweep / "sweep" / "trials.parquet", sweep / ".x.abcdefgh.tmp.bak",
+            sweep / "sweep" / "tune" / ".trials.parquet.zz99yy88.tmp"]
+    for f in stale + kept:
+        f.write_text("x")
+    (sweep / "sweep" / ".dir.abcdefgh.tmp").mkdir()
+    (sweep / ".promotion.json.abcdefgh.tmp").symlink_to(outside)
+    with SweepLock(sweep):
+        assert not any(f.exists() for f in stale)
+        assert all(f.exists() for f in kept) and (sweep / "sweep" / ".dir.abcdefgh.tmp").is_dir()
+        assert (sweep / ".promotion.json.abcdefgh.tmp").is_symlink() and outside.read_text() == "keep"

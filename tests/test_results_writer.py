@@ -22,7 +22,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from sweeper import leaderboard, results
+from sweeper import artifacts, leaderboard, results
 from tests.conftest import ROOT
 
 WRITER = Path(__file__).with_name("_results_writer.py")
@@ -106,3 +106,8 @@ def test_50_kills_of_the_results_writer_while_the_leaderboard_reads(tmp_path):
     assert mid_write >= 10, f"only {mid_write}/{kills} kills landed mid-write: the test is not testing"
     # a stale temp file is never mistaken for the table
     assert all(not p.name.endswith(".parquet") for p in leftovers)
+    # the next driver to take the sweep's lock removes them, and only them
+    assert leftovers
+    with artifacts.SweepLock(sweep_dir):
+        assert not list((sweep_dir / "sweep").glob(".*.tmp"))
+    assert _version(results.read_rows(target)) in (1, 2)
