@@ -471,6 +471,7 @@ def run_phase(loaded: Loaded, sweep_dir: Path, *, phase: str = "sweep", spec_ove
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
                                    resume_errored=retry_errored, restart_errored=False,
                                    param_space=None)
+        _fresh_callbacks(tuner, run_config.callbacks)
     else:
         srch, fixed = make_searcher(m.search, m.selection.metric, m.selection.mode) if searcher else (None, {})
         concurrency = m.search.max_concurrent
@@ -566,6 +567,22 @@ def _result_buffering(enabled: bool):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _fresh_callbacks(tuner, callbacks: list) -> None:
+    """A restored Tuner runs this driver's callbacks, not the ones pickled into ``tuner.pkl`` when the sweep began.
+
+    ``Tuner.restore`` brings the callbacks back from ``tuner.pkl``: objects made by the code of the driver that
+    started the sweep, run under the code of this one. Where sweeper was upgraded between a crash and the resume
+    they lacked what the new code expects (seen in the fault tests: a ``ProgressCallback`` without ``max_t``, and
+    every resumed trial errored). None of sweeper's callbacks keeps state for Tune to restore (no ``get_state``),
+    and the pickled ones were taken before the sweep ran, so the fresh ones lose nothing. Ray 2.60 keeps the run
+    config in the Tuner's private ``_local_tuner._run_config``; a Ray without it keeps Tune's behaviour."""
+    cfg = getattr(getattr(tuner, "_local_tuner", None), "_run_config", None)
+    if cfg is None or not hasattr(cfg, "callbacks"):
+        log.debug("this Ray Tune keeps no run config on the Tuner: the restored callbacks run")
+        return
+    cfg.callbacks = list(callbacks)
 
 
 def _tune_loggers() -> list:

@@ -6,16 +6,25 @@ import copy
 import json
 import math
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from ray import cloudpickle as ray_cloudpickle
 
 from sweeper import manifest, results, runner
 from sweeper.checkpoint import verify_checkpoint
 from tests.conftest import ROOT, TINY_QWEN
+
+
+class OldCallback:
+    """A callback as a driver of older code pickled it: the code it runs under expects what it lacks."""
+
+    def __getattr__(self, name):
+        raise AttributeError(f"an old callback has no {name!r}")
 
 
 def _load(write_manifest, data, overrides=()):
@@ -73,6 +82,15 @@ def test_asha_stops_losers_and_results_are_complete(ray_session, write_manifest,
     # same command again: nothing re-runs, same results
     again_dir, again = runner.run_sweep(loaded, quiet=True)
     assert again_dir == sweep_dir and [r["trial_id"] for r in again] == [r["trial_id"] for r in rows]
+
+    # the restore runs this driver's callbacks, not the ones tuner.pkl kept from the driver that began the sweep
+    # (an upgrade between a crash and the resume): a pickled callback that no longer fits its code is not called
+    tp = sweep_dir / "sweep" / "tune" / "tuner.pkl"
+    state = pickle.loads(tp.read_bytes())  # Tune's pickle, written in this test
+    state["_run_config"].callbacks.append(OldCallback())
+    tp.write_bytes(ray_cloudpickle.dumps(state))  # as Tune writes it (the trial namer is a closure)
+    restored = runner.run_phase(loaded, sweep_dir, quiet=True)
+    assert sorted(r["trial_id"] for r in restored) == sorted(r["trial_id"] for r in rows)
 
 
 def test_rank_puts_errored_and_nan_last():
