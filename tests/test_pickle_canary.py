@@ -115,6 +115,35 @@ def test_resume_from_checkpoint_with_poisoned_optimizer(tmp_path, armed, genuine
     assert rep.reports == []  # never trained on top of it
 
 
+@pytest.mark.parametrize("planted", ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "mp_rank_00_model_states.pt"])
+def test_deepspeed_resume_refuses_a_planted_pickle(tmp_path, armed, planted):
+    """``strategy: deepspeed`` resumes through DeepSpeed's own checkpoint (``deepspeed/state/*.pt``), which DeepSpeed
+    loads with ``weights_only=False``: the trial's loads are restricted (``speed.restricted_ds_load``). A genuine
+    DeepSpeed checkpoint resumes (also in test_speed.py); one with a planted pickle is refused, naming the file,
+    before any training, and the pickle's code never runs."""
+    evil, canary = armed
+    _, loaded = _loaded(tmp_path)
+    m = loaded.resolved()
+    m["training"].update(strategy="deepspeed", precision="fp32")
+    rep = ListReporter(str(tmp_path / "ds"))
+    train_loop({"lr": 1e-3, "batch_size": 16}, TrialSpec(manifest=copy.deepcopy(m), max_epochs=1), rep)
+    c = Path(rep.checkpoints[-1])
+    genuine_ds = c.parent / "genuine"
+    shutil.copytree(c, genuine_ds)
+    train_loop({"lr": 1e-3, "batch_size": 16}, TrialSpec(manifest=copy.deepcopy(m), max_epochs=2), rep)
+    assert [r["epoch"] for r in rep.reports] == [1, 2]  # the genuine one resumed under the restriction
+
+    shutil.copyfile(evil, genuine_ds / "deepspeed" / "state" / planted)
+    ck.verify_checkpoint(genuine_ds)  # sweeper's own files still verify: DeepSpeed's are not in its list
+    again = ListReporter(str(tmp_path / "again"))
+    again.checkpoints = [str(genuine_ds)]
+    with pytest.raises(IntegrityError) as e:
+        train_loop({"lr": 1e-3, "batch_size": 16}, TrialSpec(manifest=copy.deepcopy(m), max_epochs=2), again)
+    assert planted in str(e.value) and "refused" in str(e.value), str(e.value)
+    assert not canary.exists()
+    assert again.reports == []
+
+
 def test_resume_skips_unverified_poisoned_newest(tmp_path, armed, genuine):
     """The evil file without rewritten checksums: verification skips it, the older one is used."""
     evil, canary = armed

@@ -610,3 +610,19 @@ def test_micro_batch_setting_is_checked():
     for lightning in (["training.micro_batch=4"], ["training.strategy=lightning", "resources.gpus=1", "training.micro_batch=4"]):
         with pytest.raises(UserError, match=r"`training.micro_batch`: the Lightning loop takes whole batches"):
             resolved(TINY_QWEN, lightning)
+
+
+@_CUDA
+@pytest.mark.parametrize("stage,precision", [(2, "bf16"), (3, "bf16"), (2, "fp16")])
+def test_deepspeed_resume_cuda(tmp_path, stage, precision):
+    """On a GPU, DeepSpeed's checkpoints (ZeRO 2 and 3 in bf16; fp16, whose dynamic loss scaler is in the optimizer
+    state) resume through the restricted load (``speed.restricted_ds_load``: weights_only with DeepSpeed's few
+    classes allowed), where the CPU tests only saw files written on the CPU."""
+    rep = ListReporter(str(tmp_path / "d"))
+    common = ["training.strategy=deepspeed", f"training.precision={precision}", f"training.deepspeed.stage={stage}",
+              "resources.gpus=1"]
+    for epochs in (1, 2):  # the second run resumes from the first one's DeepSpeed checkpoint
+        m = resolved(TINY_QWEN, [f"training.max_epochs={epochs}", f"scheduler.max_t={epochs}", *common])
+        train_loop({"lr": 3e-3, "batch_size": 16}, TrialSpec(manifest=m), rep)
+        assert os.path.isdir(os.path.join(rep.checkpoints[-1], "deepspeed", "state"))
+    assert [r["epoch"] for r in rep.reports] == [1, 2]

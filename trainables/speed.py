@@ -1330,11 +1330,57 @@ class Stepper:
         self.engine.save_checkpoint(os.path.join(ck_dir, DS_DIR), tag=DS_TAG)
 
     def load_engine(self, ck_dir: str) -> bool:
+        """DeepSpeed's own checkpoint in ``ck_dir``, loaded with ``weights_only`` (``restricted_ds_load``)."""
         path = os.path.join(ck_dir, DS_DIR)
         if not os.path.isdir(path):
             return False
-        self.engine.load_checkpoint(path, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
+        with restricted_ds_load(self.engine):
+            self.engine.load_checkpoint(path, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
         return True
+
+
+def _ds_safe_globals() -> list:
+    """The DeepSpeed classes its checkpoint files hold besides tensors and containers (ZeRO's optimizer state: the
+    loss scaler, the stage, the fp32 fragments' addresses); found by loading the files DeepSpeed 0.19 wrote on this
+    machine with ``weights_only`` (tests/test_pickle_canary.py::test_deepspeed_resume_refuses_a_planted_pickle)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def restricted_ds_load(engine):
+    """While DeepSpeed loads its checkpoint, its checkpoint engine reads every file with ``torch.load(...,
+    weights_only=True)`` and only ``_ds_safe_globals`` besides: DeepSpeed's own engine unpickles everything
+    (``weights_only=False``), so a planted file in a checkpoint dir would run code in the trial. (Its files are not
+    in the checkpoint's CHECKSUMS.json: each rank writes its own after rank 0 has installed the checkpoint; and a
+    checksum list guards against damage, not against someone who can rewrite it too.) A file that needs anything
+    else is refused with one line naming it."""
+    from sweeper.errors import IntegrityError
+
+    ce = getattr(engine, "checkpoint_engine", None)
+    if ce is None or not callable(getattr(ce, "load", None)):
+        yield
+        return
+    safe = _ds_safe_globals()
+
+    def load(path, map_location=None):
+        try:
+            with torch.serialization.safe_globals(safe):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError or RuntimeError here
+            first = next((ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln or "Unsupported" in ln), "")
+            raise IntegrityError(f"{path}: refused: DeepSpeed checkpoint file holds more than tensors and DeepSpeed's "
+                                 f"state{' (' + first + ')' if first else ''}") from None
+
+    ce.load = load  # an instance attribute over the class's method, removed after
+    try:
+        yield
+    finally:
+        with contextlib.suppress(AttributeError):
+            del ce.load
 
 
 # ------------------------------------------------------------------------------------ prepare
