@@ -74,6 +74,9 @@ def write_state(sweep_dir: Path, **kw) -> None:
     atomic_write_text(sweep_dir / "state.json", json.dumps(s, indent=2))
 
 
+_TEMP_SWEPT: set[str] = set()  # sweep dirs whose stale temp files this process has removed (SweepLock)
+
+
 class SweepLock:
     """One driver per sweep directory: a second one would duplicate trials."""
 
@@ -93,11 +96,16 @@ class SweepLock:
                 raise UserError(f"{self.path.parent}: locked by another user's process") from None
         # rename over the path: a planted symlink is replaced, never written through
         atomic_write_text(self.path, f"{os.getpid()} {socket.gethostname()}\n")
-        # the temp files of writers killed mid-write (tables, state, promotion): only the lock holder writes here
+        # the temp files of writers killed mid-write (tables, state, promotion): only the lock holder writes here.
+        # Once per sweep dir and process, at its first lock: later, this driver's own background writers (the study
+        # export after phase 1) may be writing theirs when the promotion takes the lock.
         sweep_dir = self.path.parent
-        n = sum(remove_stale_temp(d) for d in (sweep_dir, *(sweep_dir / p for p in PHASE_DIRS)))
-        if n:
-            log.info("%s: removed %d temp file(s) left by a killed writer", sweep_dir, n)
+        key = os.path.realpath(sweep_dir)
+        if key not in _TEMP_SWEPT:
+            _TEMP_SWEPT.add(key)
+            n = sum(remove_stale_temp(d) for d in (sweep_dir, *(sweep_dir / p for p in PHASE_DIRS)))
+            if n:
+                log.info("%s: removed %d temp file(s) left by a killed writer", sweep_dir, n)
         return self
 
     def __exit__(self, *exc):

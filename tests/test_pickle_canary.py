@@ -115,6 +115,12 @@ def test_resume_from_checkpoint_with_poisoned_optimizer(tmp_path, armed, genuine
     assert rep.reports == []  # never trained on top of it
 
 
+# In-process DeepSpeed (no Ray) on a GPU machine takes the CUDA accelerator while a `gpus: 0` trial keeps its batches on
+# the CPU; a Ray trial without a GPU sees none. The GPU's DeepSpeed checkpoints: test_speed.py::test_deepspeed_resume_cuda
+_CPU_ONLY = pytest.mark.skipif("__import__('torch').cuda.is_available()", reason="a CPU test (DeepSpeed in-process)")
+
+
+@_CPU_ONLY
 @pytest.mark.parametrize("planted", ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "mp_rank_00_model_states.pt"])
 def test_deepspeed_resume_refuses_a_planted_pickle(tmp_path, armed, planted):
     """``strategy: deepspeed`` resumes through DeepSpeed's own checkpoint (``deepspeed/state/*.pt``), which DeepSpeed

@@ -18,6 +18,9 @@ def _m(strategy, epochs=2, extra=()):
                                 f"training.strategy={strategy}", "training.precision=fp32", *extra])
 
 
+@pytest.mark.skipif("__import__('torch').cuda.is_available()",
+                    reason="a CPU test: in-process DeepSpeed on a GPU machine takes the CUDA accelerator while a gpus: 0 "
+                           "trial keeps its batches on the CPU (a Ray trial without a GPU sees none)")
 def test_plain_and_deepspeed_match_and_resume(tmp_path):
     """Plain PyTorch and DeepSpeed train alike, DeepSpeed with its batches of 16 in micro-batches of 4
     (gradients accumulated over DeepSpeed's manual boundary); a restarted DeepSpeed trial resumes."""
@@ -613,11 +616,11 @@ def test_micro_batch_setting_is_checked():
 
 
 @_CUDA
-@pytest.mark.parametrize("stage,precision", [(2, "bf16"), (3, "bf16"), (2, "fp16")])
+@pytest.mark.parametrize("stage,precision", [(2, "bf16"), (3, "bf16")])
 def test_deepspeed_resume_cuda(tmp_path, stage, precision):
-    """On a GPU, DeepSpeed's checkpoints (ZeRO 2 and 3 in bf16; fp16, whose dynamic loss scaler is in the optimizer
-    state) resume through the restricted load (``speed.restricted_ds_load``: weights_only with DeepSpeed's few
-    classes allowed), where the CPU tests only saw files written on the CPU."""
+    """On a GPU, DeepSpeed's bf16 checkpoints (ZeRO 2 and 3) resume through the restricted load
+    (``speed.restricted_ds_load``: weights_only with DeepSpeed's few classes allowed), where the CPU tests only saw
+    files written on the CPU. (The fast path takes no fp16.)"""
     rep = ListReporter(str(tmp_path / "d"))
     common = ["training.strategy=deepspeed", f"training.precision={precision}", f"training.deepspeed.stage={stage}",
               "resources.gpus=1"]
