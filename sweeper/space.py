@@ -40,9 +40,9 @@ def to_optuna(space: dict) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def make_searcher(search: SearchSpec, metric: str, mode: str):
-    """A seeded OptunaSearch. Concurrency comes from TuneConfig's ``max_concurrent_trials``, which
-    wraps the searcher in a ConcurrencyLimiter. (The metric is given here too: Tune only forwards
-    TuneConfig's to a searcher that has no space of its own.)"""
+    """A seeded OptunaSearch (``RetryAwareOptunaSearch``). The runner bounds its concurrency with
+    ``PauseAwareLimiter``. (The metric is given here too: Tune only forwards TuneConfig's to a searcher
+    that has no space of its own.)"""
     import optuna
 
     dists, fixed = to_optuna(search.space)
