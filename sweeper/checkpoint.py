@@ -284,7 +284,7 @@ def load_checkpoint(path, map_location="cpu", verify: bool = True) -> LoadedChec
     model_state = _load_safetensors(model_file, map_location, IntegrityError)
     optimizer_state = None
     if (path / OPTIMIZER_FILE).is_file():
-        optimizer_state = _torch_load_weights_only(path / OPTIMIZER_FILE, map_location, IntegrityError)
+        optimizer_state = torch_load_weights_only(path / OPTIMIZER_FILE, map_location, IntegrityError)
         if not isinstance(optimizer_state, dict):
             raise IntegrityError(f"{path / OPTIMIZER_FILE}: not an optimizer state dict")
     state: dict = {}
@@ -313,7 +313,7 @@ def load_weights_file(path) -> dict:
     if suffix == ".safetensors":
         weights = _load_safetensors(p, "cpu", UserError)
     elif suffix in _PICKLE_SUFFIXES:
-        weights = _torch_load_weights_only(p, "cpu", UserError)
+        weights = torch_load_weights_only(p, "cpu", UserError)
         if isinstance(weights, dict):
             for key in ("state_dict", "model"):
                 if isinstance(weights.get(key), dict):
@@ -340,14 +340,17 @@ def _load_safetensors(p: Path, map_location, err: type[Exception]) -> dict:
         raise err(f"{p}: not a readable safetensors file: {_one_line(e)}") from None
 
 
-def _torch_load_weights_only(p: Path, map_location, err: type[Exception]):
+def torch_load_weights_only(p: Path, map_location, err: type[Exception], safe_globals=()):
     """torch.load with weights_only=True, always. Its unpickler resolves no globals except tensor
-    rebuilders and plain containers, so a crafted __reduce__ (os.system, exec, ...) is refused
-    before it runs. Even a file whose checksum verified goes through this: defence in depth."""
+    rebuilders, plain containers and the classes in ``safe_globals`` (DeepSpeed's few, for its own
+    checkpoint files: ``trainables.speed.restricted_ds_load``), so a crafted __reduce__ (os.system,
+    exec, ...) is refused before it runs. Even a file whose checksum verified goes through this:
+    defence in depth."""
     import torch
 
     try:
-        return torch.load(p, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         hint = " (save a state_dict of tensors, or use .safetensors)" if err is UserError else ""
         raise err(f"{p}: refused to unpickle: {_unpickle_reason(e)}{hint}") from None

@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 
 from . import results
+from .artifacts import PHASE_DIRS as PHASES
 
-PHASES = ("sweep", "finetune", "fanout")
 SUM_COLS = ("wall_s", "accel_s", "startup_s", "train_s", "eval_s", "ckpt_s", "idle_s")
 
 

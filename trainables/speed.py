@@ -1357,7 +1357,8 @@ def restricted_ds_load(engine):
     (``weights_only=False``), so a planted file in a checkpoint dir would run code in the trial. (Its files are not
     in the checkpoint's CHECKSUMS.json: each rank writes its own after rank 0 has installed the checkpoint; and a
     checksum list guards against damage, not against someone who can rewrite it too.) A file that needs anything
-    else is refused with one line naming it."""
+    else is refused with one line naming it (sweeper's own loader, ``checkpoint.torch_load_weights_only``)."""
+    from sweeper.checkpoint import torch_load_weights_only
     from sweeper.errors import IntegrityError
 
     ce = getattr(engine, "checkpoint_engine", None)
@@ -1367,13 +1368,7 @@ def restricted_ds_load(engine):
     safe = _ds_safe_globals()
 
     def load(path, map_location=None):
-        try:
-            with torch.serialization.safe_globals(safe):
-                return torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError or RuntimeError here
-            first = next((ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln or "Unsupported" in ln), "")
-            raise IntegrityError(f"{path}: refused: DeepSpeed checkpoint file holds more than tensors and DeepSpeed's "
-                                 f"state{' (' + first + ')' if first else ''}") from None
+        return torch_load_weights_only(path, map_location, IntegrityError, safe_globals=safe)
 
     ce.load = load  # an instance attribute over the class's method, removed after
     try:
