@@ -162,6 +162,8 @@ class SearchSpec(Strict):
 class SchedulerSpec(Strict):
     type: Literal["asha", "none"] = "asha"
     time_attr: Literal["epoch", "training_iteration"] = "epoch"
+    """What ASHA's rungs count. The same number either way: a trial reports once an epoch, and sweeper sets each
+    report's ``training_iteration`` to its epoch (``trial.iteration_is_epoch``), also after a resume."""
     max_t: int = Field(9, ge=1)
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(3.0, gt=1)
@@ -481,7 +483,7 @@ class Manifest(Strict):
     @model_validator(mode="after")
     def _promotion_needs_rung_checkpoints(self) -> "Manifest":
         s, every = self.scheduler, self.training.checkpoint_every
-        if s.type == "asha" and s.variant == "promotion" and s.time_attr == "epoch":
+        if s.type == "asha" and s.variant == "promotion":  # either time_attr counts epochs (trial.iteration_is_epoch)
             rungs, t = [], float(s.grace_period)
             while t < s.max_t:
                 rungs.append(t)
@@ -696,7 +698,7 @@ def _semantic_problems(m) -> list[str]:
     if sch is not None and sch.type == "asha":
         if sch.grace_period > sch.max_t:
             out.append(f"`scheduler.grace_period` is {sch.grace_period} but must be <= `scheduler.max_t` ({sch.max_t})")
-        if tr is not None and sch.time_attr == "epoch" and sch.max_t > tr.max_epochs:
+        if tr is not None and sch.max_t > tr.max_epochs:
             out.append(
                 f"`scheduler.max_t` is {sch.max_t} but trials stop at `training.max_epochs` ({tr.max_epochs}); "
                 "make them equal"

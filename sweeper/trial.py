@@ -46,11 +46,24 @@ class Reporter:
         return None
 
 
+def iteration_is_epoch(metrics: dict) -> dict:
+    """The report with ``training_iteration`` set to its ``epoch`` (a trial reports once an epoch).
+
+    Tune fills in ``training_iteration`` only where the report has none, counting on from the
+    checkpoint it registered. A trial resumes from the newest verified checkpoint on disk, which can
+    be newer than that one (a kill between the checkpoint's write and Tune registering it), and Tune's
+    count then runs one behind the epochs: ASHA on ``time_attr: training_iteration`` and Optuna's
+    intermediate steps would see that trial late (tests/test_iteration_is_epoch.py)."""
+    if "epoch" not in metrics:
+        return metrics
+    return {**metrics, "training_iteration": int(metrics["epoch"])}
+
+
 class TuneReporter(Reporter):
     def report(self, metrics, ckpt_dir):
         from ray import tune
 
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
+        tune.report(iteration_is_epoch(metrics), checkpoint=tune.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
 
     def restore_candidates(self) -> list[str]:
         """Every checkpoint of this trial, Tune's own included, newest first by the step/epoch
@@ -122,7 +135,7 @@ class TrainReporter(Reporter):
             if pg is not None:
                 metrics = {**metrics, "sweeper_worker_pg": pg.id.hex()}
         attach = ckpt_dir and (every_rank or rank == 0)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if attach else None)
+        ray.train.report(iteration_is_epoch(metrics), checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if attach else None)
 
     def restore_candidates(self) -> list[str]:
         import ray.train

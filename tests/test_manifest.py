@@ -64,6 +64,9 @@ def test_valid_manifest_loads():
         (dict(search__space={"learning_rate": 0.1}), "has no hyperparameter 'learning_rate'"),
         (dict(scheduler__grace_period=5), "`scheduler.grace_period` is 5 but must be <= `scheduler.max_t` (3)"),
         (dict(scheduler__max_t=5), "`scheduler.max_t` is 5 but trials stop at `training.max_epochs` (3)"),
+        # training_iteration counts epochs too (trial.iteration_is_epoch): the same bound
+        (dict(scheduler__max_t=5, scheduler__time_attr="training_iteration"),
+         "`scheduler.max_t` is 5 but trials stop at `training.max_epochs` (3)"),
         (dict(scheduler__reduction_factor=1), "`scheduler.reduction_factor`"),
         (dict(scheduler__type="pbt"), "`scheduler.type`"),
         (dict(selection__metric="val_acc"), "reports no metric 'val_acc'"),
@@ -177,5 +180,7 @@ def test_promotion_variant_needs_a_checkpoint_at_every_rung():
     probs = problems_of(TINY_QWEN, ok + ["training.checkpoint_every=3"])  # nothing at rung 1
     assert any("checkpoint_every=3" in p and "epoch(s) 1" in p for p in probs), probs
     check(TINY_QWEN, ok + ["training.checkpoint_every=3", "scheduler.variant=stopping"])  # stops, never resumes
+    probs = problems_of(TINY_QWEN, ok + ["training.checkpoint_every=3", "scheduler.time_attr=training_iteration"])
+    assert any("checkpoint_every=3" in p and "epoch(s) 1" in p for p in probs), probs
     probs = problems_of(TINY_QWEN, ok + ["scheduler.variant=halving"])
     assert any("variant" in p for p in probs), probs

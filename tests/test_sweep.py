@@ -121,6 +121,8 @@ def test_two_worker_torchtrainer_trial(ray_session, write_manifest, tiny_qwen):
     assert len(rows) == 1 and rows[0]["status"] == "completed", rows[0]
     mt = [r for r in pq.read_table(sweep_dir / "sweep" / "metrics.parquet").to_pylist() if r["metric"] == "val_mae"]
     assert [r["epoch"] for r in mt] == [1, 2]  # every evaluation reached Tune from the worker group
+    lines = [json.loads(x) for f in (sweep_dir / "sweep" / "tune").glob("*/result.json") for x in f.read_text().splitlines()]
+    assert [(r["epoch"], r["training_iteration"]) for r in lines] == [(1, 1), (2, 2)]  # trial.iteration_is_epoch
     assert rows[0]["checkpoint"] and Path(rows[0]["checkpoint"]).exists()
     verify_checkpoint(Path(rows[0]["checkpoint"]))
 
