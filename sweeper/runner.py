@@ -363,7 +363,8 @@ def set_aside_torn_snapshots(exp_dir: Path, note=lambda s: None) -> list[str]:
     truncated file, and restoring from it fails; Tune then carries on as a new experiment and the
     sweep's trials are lost. A torn session's files all go to ``.torn-<session>/`` (kept, not
     deleted) so the restore takes the newest session that is intact: the trials that session had
-    not recorded are re-proposed, never duplicated, and their checkpoints stay on disk.
+    not recorded are re-proposed, never duplicated, and their dirs, checkpoints included, are set aside
+    in ``.orphans/`` after the fit (``set_aside_orphans``).
     """
     tp, tp_good = exp_dir / "tuner.pkl", exp_dir / LAST_GOOD / "tuner.pkl"
     if tp.is_file() and not _intact(tp):
@@ -402,6 +403,38 @@ def set_aside_torn_snapshots(exp_dir: Path, note=lambda s: None) -> list[str]:
                              "the sweep cannot be resumed. Trial directories and checkpoints are untouched; "
                              "move the sweep directory away to start over")
     return torn
+
+
+ORPHANS = ".orphans"
+
+
+def set_aside_orphans(exp_dir: Path, known: set[str], prefix: str, note=lambda s: None) -> list[str]:
+    """After ``tuner.fit()``: move trial dirs that no trial of the experiment owns to ``.orphans/``.
+
+    A driver killed within a step of starting a trial (after Tune made its dir, before the snapshot
+    that lists it was kept), or a restore from an older snapshot set (``set_aside_torn_snapshots``),
+    leaves a trial dir that Tune never hears of again: a new configuration takes the trial's place,
+    and the dir's epochs and checkpoints are not part of any result. They are moved aside, kept, and
+    named in one line each, so that every trial dir under ``tune/`` is one that the tables list.
+    Only dirs named like this phase's trials (``prefix``) are considered, and none while ``known``
+    is empty (nothing to compare with)."""
+    if not known:
+        return []
+    moved = []
+    for d in sorted(exp_dir.iterdir()):
+        if not d.name.startswith(prefix) or d.name in known or d.is_symlink() or not d.is_dir():
+            continue
+        dst = exp_dir / ORPHANS / d.name
+        dst.parent.mkdir(exist_ok=True)
+        if dst.exists():  # set aside before under the same name: keep both
+            dst = dst.with_name(f"{d.name}.{time.time_ns()}")
+        os.replace(d, dst)
+        moved.append(d.name)
+        msg = (f"trial dir {d.name} belongs to no trial of this sweep (a driver was killed as the trial started); "
+               f"moved to {dst.relative_to(exp_dir.parent)}: its epochs are not part of the results")
+        log.warning(msg)
+        note(msg)
+    return moved
 
 
 def reuse_actors(m) -> bool:
@@ -505,6 +538,8 @@ def run_phase(loaded: Loaded, sweep_dir: Path, *, phase: str = "sweep", spec_ove
         )
     with _result_buffering(not (phase == "sweep" and m.scheduler.type != "none")):
         grid = tuner.fit()
+    set_aside_orphans(exp_dir, {Path(r.path).name for r in grid if r.path}, f"{sweep_name}_{phase}_",
+                      note=progress.note)
     rows, mrows = results.trial_rows(
         grid, metric=m.selection.metric, mode=m.selection.mode, phase=phase,
         max_t=(spec.max_epochs or m.training.max_epochs), gpus=gpus, workers=m.resources.workers,

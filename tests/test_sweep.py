@@ -89,8 +89,36 @@ def test_asha_stops_losers_and_results_are_complete(ray_session, write_manifest,
     state = pickle.loads(tp.read_bytes())  # Tune's pickle, written in this test
     state["_run_config"].callbacks.append(OldCallback())
     tp.write_bytes(ray_cloudpickle.dumps(state))  # as Tune writes it (the trial namer is a closure)
+    # a trial dir no trial owns (a driver killed as the trial started) is set aside after the fit, kept
+    tune_dir = sweep_dir / "sweep" / "tune"
+    owned = sorted(p.name for p in tune_dir.iterdir() if p.is_dir() and p.name.startswith(f"{loaded.manifest.name}_sweep_"))
+    assert len(owned) == len(rows)
+    orphan = tune_dir / f"{loaded.manifest.name}_sweep_deadbeef"
+    (orphan / "checkpoint_000000").mkdir(parents=True)
+    (orphan / "checkpoint_000000" / "state.json").write_text("{}")
+    (tune_dir / "not-a-trial").mkdir()
     restored = runner.run_phase(loaded, sweep_dir, quiet=True)
     assert sorted(r["trial_id"] for r in restored) == sorted(r["trial_id"] for r in rows)
+    assert not orphan.exists()
+    assert (tune_dir / runner.ORPHANS / orphan.name / "checkpoint_000000" / "state.json").is_file()
+    assert sorted(p.name for p in tune_dir.iterdir() if p.is_dir() and p.name.startswith(f"{loaded.manifest.name}_sweep_")) == owned
+    assert (tune_dir / "not-a-trial").is_dir()
+
+
+def test_set_aside_orphans_moves_only_unowned_trial_dirs(tmp_path):
+    for name in ("s_sweep_a", "s_sweep_b", "s_fanout_c", "s_sweep_file"):
+        (tmp_path / name).mkdir() if name != "s_sweep_file" else (tmp_path / name).write_text("x")
+    (tmp_path / "s_sweep_link").symlink_to(tmp_path / "s_sweep_b")
+    notes = []
+    assert runner.set_aside_orphans(tmp_path, set(), "s_sweep_", notes.append) == []  # nothing known: nothing moved
+    assert runner.set_aside_orphans(tmp_path, {"s_sweep_a"}, "s_sweep_", notes.append) == ["s_sweep_b"]
+    assert (tmp_path / runner.ORPHANS / "s_sweep_b").is_dir() and (tmp_path / "s_sweep_a").is_dir()
+    assert (tmp_path / "s_fanout_c").is_dir() and (tmp_path / "s_sweep_file").is_file()  # another phase; not a dir
+    assert (tmp_path / "s_sweep_link").is_symlink()
+    assert len(notes) == 1 and "s_sweep_b" in notes[0] and ".orphans" in notes[0]
+    (tmp_path / "s_sweep_b").mkdir()  # set aside again under the same name: both kept
+    assert runner.set_aside_orphans(tmp_path, {"s_sweep_a"}, "s_sweep_") == ["s_sweep_b"]
+    assert len(list((tmp_path / runner.ORPHANS).iterdir())) == 2
 
 
 def test_rank_puts_errored_and_nan_last():
