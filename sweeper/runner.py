@@ -430,8 +430,8 @@ def set_aside_orphans(exp_dir: Path, known: set[str], prefix: str, note=lambda s
             dst = dst.with_name(f"{d.name}.{time.time_ns()}")
         os.replace(d, dst)
         moved.append(d.name)
-        msg = (f"trial dir {d.name} belongs to no trial of this sweep (a driver was killed as the trial started); "
-               f"moved to {dst.relative_to(exp_dir.parent)}: its epochs are not part of the results")
+        msg = (f"trial dir {d.name} belongs to no trial of this sweep (a driver was killed before Tune recorded "
+               f"the trial); moved to {dst.relative_to(exp_dir.parent)}: its epochs are not part of the results")
         log.warning(msg)
         note(msg)
     return moved
