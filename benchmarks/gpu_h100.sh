@@ -142,6 +142,14 @@ b --manifest $VB --label vitb-bs512-eager-rest-2 --set search.space.batch_size=5
 b --manifest $VB --label vitb-bs512-compiled-rest-2 --set search.space.batch_size=512 --modes product,loader
 b --manifest $VB --label vitb-bs128-compiled-rest-vs-plain --modes product,plain,plain-clip
 b --manifest $VB --label vitb-bs1024-compiled-rest --set search.space.batch_size=1024 --modes product
+# eighteenth session: attention with the CLS token outside the tiles (training.cls_attention: trainables/cls_attn.py)
+# against PyTorch's SDPA (cuDNN), each its own process; run twice in turn for an A/B
+b --manifest $VB --label vitb-bs512-sdpa --set search.space.batch_size=512 --set training.cls_attention=false --modes product
+b --manifest $VB --label vitb-bs512-clsattn --set search.space.batch_size=512 --set training.cls_attention=true --modes product,loader
+b --manifest $VB --label vitb-bs1024-clsattn --set search.space.batch_size=1024 --set training.cls_attention=true --modes product
+b --manifest $VB --label vitb-bs128-clsattn-vs-plain --set training.cls_attention=true --modes product,plain,plain-clip
+b --manifest $VS --label vits-bs256-sdpa --set training.cls_attention=false --modes product
+b --manifest $VS --label vits-bs256-clsattn --set training.cls_attention=true --modes product,plain
 # fc1's weight and bias gradients in one cuBLASLt matmul (BGRADB epilogue; step_bench.py --fc1-bgradb) against
 # PyTorch's matmul and a separate sum, each its own process, twice in turn (the twelfth session's BGRADB form did
 # both layers, and fc2's bias sum is fused into the LayerNorm's backward for free)

@@ -299,9 +299,9 @@ def main(argv=None):
         splits = cached_splits(fam, m["data"], m["model"])
         with (torch.device(dev) if dev.type == "cuda" else torch.device("cpu")):
             model = fam.build_model(m["model"], splits, hp)
-        # training.fast_blocks, gelu_epilogue and fp8: the same blocks in the plain loop as in the product
+        # training.fast_blocks, gelu_epilogue, fp8 and cls_attention: the same model in the plain loop as in the product
         speed.transform_blocks(fam, model, dev, fast_blocks=bool(st.fast_blocks), fp8=bool(st.fp8),
-                               gelu_epilogue=bool(st.gelu_epilogue))
+                               gelu_epilogue=bool(st.gelu_epilogue), cls_attention=bool(st.cls_attention))
         if a.patch_conv:
             _patch_conv(model)
         if st.compiled:  # CUDA graphs where the product has them (training.fp8 with bf16 weights on CUDA)

@@ -274,6 +274,15 @@ class TrainingSpec(Strict):
     without such a form are unchanged. Not under DeepSpeed ZeRO-3. Parameters, checkpoints and the
     optimizer are unchanged."""
 
+    cls_attention: Literal["auto"] | bool = "auto"
+    """DINOv2 on CUDA: attention by ``trainables.cls_attn``'s Triton kernels, which keep the CLS token out of
+    the tiles (257 tokens run as whole tiles of the 256 patches, and the CLS token's row and column as
+    vectors, where PyTorch's fused kernels run 3 × 3 tiles of 128). The same softmax attention; only the
+    order of the additions differs. ``auto``: on for DINOv2 on CUDA where Triton is installed; a call whose
+    shape the kernels do not take (a patch count that is not a multiple of the tile, fp32, a mask or
+    dropout) runs PyTorch's SDPA. ``true`` for a family without a CLS token is refused; on a CPU it does
+    nothing."""
+
     @field_validator("micro_batch", mode="before")
     @classmethod
     def _micro_batch(cls, v: Any) -> Any:
@@ -761,6 +770,8 @@ def _semantic_problems(m) -> list[str]:
         elif where or res.workers > 1 or tr.precision in ("fp32", "fp16"):
             what = where or (f"{res.workers} workers" if res.workers > 1 else f"precision {tr.precision}")
             out.append(f"`training.gelu_epilogue`: {GELU_EPILOGUE_NEEDS}, but this manifest's trials run {what}")
+    if tr is not None and tr.cls_attention is True and fam is not None and not fam.cls_token:
+        out.append(f"`training.cls_attention`: {m.trainable} has no CLS token (DINOv2's sequences start with one)")
     if res is not None and tr is not None and tr.strategy == "plain" and res.workers > 1:
         out.append("`training.strategy`: plain runs one worker; use ddp, fsdp or deepspeed with `resources.workers` > 1")
     return out
@@ -924,7 +935,8 @@ GELU_EPILOGUE_NEEDS = ("true needs the fast path's own step in one process (a on
 # computed before ``training.micro_batch`` was added.)
 LATER_DEFAULTS: dict[tuple[str, str], Any] = {("training", "micro_batch"): "auto", ("training", "bf16_weights"): "auto",
                                               ("training", "fp8"): False, ("training", "fast_blocks"): True,
-                                              ("training", "gelu_epilogue"): False, ("training", "cuda_graphs"): "auto"}
+                                              ("training", "gelu_epilogue"): False, ("training", "cuda_graphs"): "auto",
+                                              ("training", "cls_attention"): "auto"}
 
 
 def load(path: str | os.PathLike, overrides: list[str] | None = None) -> Loaded:

@@ -25,6 +25,8 @@ class FamilyInfo:
     backbone_prefix: str = "backbone."
     gelu_mlp: bool = False
     """The blocks hold fc1 → GELU → fc2 MLPs (``training.gelu_epilogue`` applies)."""
+    cls_token: bool = False
+    """The sequence is one CLS token and then the patches (``training.cls_attention`` applies)."""
     extra: dict = field(default_factory=dict)
 
 
@@ -56,6 +58,7 @@ _FAMILIES: dict[str, FamilyInfo] = {
         allows_fp16=False,
         fp16_reason="DINOv2 activations overflow fp16's range (65504) and the loss turns NaN",
         gelu_mlp=True,
+        cls_token=True,
     ),
     # benchmarks only: no model and no data, each epoch sleeps (platform-overhead measurements)
     "sleep_bench": FamilyInfo(

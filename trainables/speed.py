@@ -877,18 +877,49 @@ def use_gelu_epilogue(knob: bool, family, model: nn.Module, device: torch.device
     return n
 
 
+def use_cls_attention(knob: Any, family, model: nn.Module, device: torch.device) -> bool:
+    """``training.cls_attention``: the model's attention by ``trainables.cls_attn`` (the CLS token outside the
+    tiles). ``auto``: for a family with a CLS token on CUDA with Triton; ``true`` for a family without one is a
+    UserError naming the field (the manifest check says the same), and on CUDA without Triton too. On a CPU it
+    does nothing. Per call, a shape or dtype the kernels do not take (a patch count that is not a multiple of
+    the tile, fp32) runs PyTorch's SDPA instead (``cls_attn.attention_forward``)."""
+    if knob is False or knob == "false":
+        return False
+    from sweeper.errors import UserError
+
+    if not family.info.cls_token:
+        if knob is True:
+            raise UserError(f"training.cls_attention: {family.info.name} has no CLS token "
+                            "(DINOv2's sequences start with one)")
+        return False
+    if device.type != "cuda":
+        return False
+    from . import cls_attn
+
+    if cls_attn.triton is None:
+        if knob is True:
+            raise UserError("training.cls_attention: Triton is not installed (it comes with PyTorch's CUDA wheels); "
+                            "set it to auto or false for PyTorch's SDPA")
+        return False
+    cls_attn.use(model.backbone)
+    log.info("attention with the CLS token outside the tiles (training.cls_attention %s, trainables/cls_attn.py)", knob)
+    return True
+
+
 def transform_blocks(family, model: nn.Module, device: torch.device, *, fast_blocks: bool, fp8: bool,
                      gelu_epilogue: bool = False, strategy: str = "plain", world: int = 1, stage: int | None = None,
-                     ddp_impl: str = "blocks") -> tuple[int, int, int]:
+                     ddp_impl: str = "blocks", cls_attention: Any = False) -> tuple[int, int, int]:
     """The changes a trial makes to its blocks before compiling them, in their one order: the family's fast
     blocks, the GELU epilogue MLPs (which take the fast blocks' folded layer), then FP8 (which takes plain
     ``nn.Linear`` only, so layers the fast blocks replaced stay bf16; the manifest refuses FP8 with the GELU
     epilogues). Returns (blocks made fast, MLPs with GELU epilogues, layers made FP8). The trial's Stepper, the
-    packing probe and the step benchmark's plain loop all call this, so the three hold the same model."""
+    packing probe and the step benchmark's plain loop all call this, so the three hold the same model. The
+    attention kernel (``training.cls_attention``, ``use_cls_attention``) is chosen here too, for the same reason."""
     if gelu_epilogue and fp8:
         from sweeper.errors import UserError
 
         raise UserError("training.gelu_epilogue: not with training.fp8 (the MLP's first layer would be FP8's)")
+    use_cls_attention(cls_attention, family, model, device)
     return (use_fast_blocks(fast_blocks, family, model, strategy=strategy, stage=stage),
             use_gelu_epilogue(gelu_epilogue, family, model, device, strategy=strategy, world=world, ddp_impl=ddp_impl),
             use_fp8(fp8, model, device, strategy=strategy, world=world, ddp_impl=ddp_impl))
@@ -934,7 +965,8 @@ class Stepper:
                  grad_clip: float, total_steps: int, step_offset: int = 0, compile_: bool = False,
                  ds: dict | None = None, world: int = 1, ddp: dict | None = None, fsdp: dict | None = None,
                  micro_batch: int | None = None, bf16_weights: Any = False, fp8: bool = False,
-                 fast_blocks: bool = False, gelu_epilogue: bool = False, cuda_graphs: Any = "auto"):
+                 fast_blocks: bool = False, gelu_epilogue: bool = False, cuda_graphs: Any = "auto",
+                 cls_attention: Any = False):
         from sweeper.manifest import DDPSpec, FSDPSpec
 
         from .base import cosine_with_warmup
@@ -960,7 +992,10 @@ class Stepper:
         ddp_spec = DDPSpec(**(ddp or {}))  # the manifest's defaults for a caller that passes none
         self.fast_blocks, self.gelu_epilogue, self.fp8 = transform_blocks(
             family, model, device, fast_blocks=fast_blocks, fp8=fp8, gelu_epilogue=gelu_epilogue, strategy=strategy,
-            world=world, stage=self.stage, ddp_impl=ddp_spec.impl)
+            world=world, stage=self.stage, ddp_impl=ddp_spec.impl, cls_attention=cls_attention)
+        from .cls_attn import active
+
+        self.cls_attention = active(model)
         on_cuda = device.type == "cuda"
         masters = uses_bf16_weights(bf16_weights, on_cuda=on_cuda, strategy=strategy, world=world, precision=precision,
                                     ddp_impl=ddp_spec.impl)
@@ -1525,7 +1560,8 @@ def prepare(config: dict, spec, reporter=None, *, use_ray_train: bool = False) -
                       bf16_weights=training.get("bf16_weights", "auto"), fp8=bool(training.get("fp8", False)),
                       fast_blocks=bool(training.get("fast_blocks", True)),
                       gelu_epilogue=bool(training.get("gelu_epilogue", False)),
-                      cuda_graphs=training.get("cuda_graphs", "auto"))
+                      cuda_graphs=training.get("cuda_graphs", "auto"),
+                      cls_attention=training.get("cls_attention", "auto"))
     if resumed and strategy == "deepspeed":
         if not stepper.load_engine(resumed):  # a checkpoint from another strategy: weights only
             stepper.inner.load_state_dict({k: v for k, v in ckpt_mod.load_checkpoint(resumed).model_state.items()},

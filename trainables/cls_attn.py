@@ -1,0 +1,466 @@
+"""Attention for a ViT's 1 + 256 tokens without the padded tile (``training.cls_attention``).
+
+DINOv2 at 224 px with 14-px patches attends over 257 tokens: the CLS token and 256 patches. Fused attention
+kernels tile the sequence in blocks of 64 or 128, so 257 tokens take 3 × 3 tiles of 128 where 256 take
+2 × 2: cuDNN's kernel spends about 2.2 times the work a tile-aligned sequence needs (ViT-B/14, batch 512:
+35 ms of a 168 ms step on an H200, at about 12 % of the bf16 peak counted on the useful FLOPs).
+
+Here the CLS token is not a row of any tile. Its key enters each patch query's softmax as one more score
+(a 64-wide dot product), its value as one more term of the accumulator; its query attends over the 257 keys
+in a separate program with vector arithmetic. The patch queries and keys run in whole tiles. The same
+arithmetic as softmax attention over the 257 tokens: every score, the log-sum-exp and the weighted sums are
+those of the full attention, only the order of the additions differs (as between any two attention kernels).
+
+The backward is FlashAttention-2's (recompute the probabilities from the saved log-sum-exp): one kernel
+writes dQ, program by query block, with the CLS key's share; one writes dK and dV, program by key block,
+with the CLS query's share; the CLS key's own dK and dV are summed from per-program partials. Three kernel
+launches forward and backward, no extra passes over the activations beyond what the kernels read.
+
+Triton kernels, called through ``torch.library`` custom ops (opaque to ``torch.compile``). Tested against
+PyTorch's attention in Triton's interpreter on the CPU (``tests/test_cls_attn.py``) and on CUDA. The block sizes
+are the ones measured fastest on an H200 (``benchmarks/attn_kernels.py``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+try:  # Triton is on every CUDA machine with PyTorch; the CPU test installs it for its interpreter
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - no Triton: the op reports itself unavailable
+    triton = None
+
+LOG2E = 1.4426950408889634
+
+# Tiles, warps and pipeline stages of the three kernels: the forward's query × key tile, dQ's query × key tile,
+# dK/dV's key × query tile. Each kernel's best of a grid on an H200 (ViT-B/14, batch 512; 2026-11-28,
+# benchmarks/results/cls_attn_h200_2026-11-28.jsonl): forward 0.481 ms, dQ 0.746, dK/dV 0.718 a layer.
+CONFIG = dict(fwd_m=64, fwd_n=64, dq_m=64, dq_n=64, kv_n=64, kv_m=64, warps_fwd=4, warps_dq=4, warps_kv=4,
+              stages_fwd=3, stages_dq=2, stages_kv=1, bwd="split", fu_n=64, fu_m=64, warps_fu=4, stages_fu=1)
+
+
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cfg: dict | None = None) -> str | None:
+    """Why the kernels cannot take these [B, H, T, D] operands (None: they can)."""
+    c = cfg or CONFIG
+    if triton is None:
+        return "Triton is not installed"
+    if q.shape != k.shape or q.shape != v.shape or q.dim() != 4:
+        return f"q, k, v shapes differ or are not 4-D ({tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)})"
+    if q.dtype != k.dtype or q.dtype != v.dtype or q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"dtype {q.dtype}"
+    d, t = q.shape[-1], q.shape[-2]
+    if d not in (16, 32, 64, 128):
+        return f"head dim {d} (16, 32, 64 or 128 only)"
+    blocks = [c[x] for x in ("fwd_m", "fwd_n", "dq_m", "dq_n", "kv_n", "kv_m", "fu_n", "fu_m")]
+    if t < 2 or (t - 1) % max(blocks) != 0:
+        return f"{t} tokens: needs 1 + a multiple of {max(blocks)} (the CLS token and whole tiles of patches)"
+    if any(x.stride(-1) != 1 for x in (q, k, v)):
+        return "the head dim is not contiguous"
+    return None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _fwd(Q, K, V, O, LSE, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, H, NP, qk_scale,
+             BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr):
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        qb = Q + b * sqb + h * sqh
+        kb = K + b * skb + h * skh
+        vb = V + b * svb + h * svh
+        ob = O + b * sob + h * soh
+        lb = LSE + bh * (NP + 1)
+        d = tl.arange(0, D)
+        k0 = tl.load(kb + d).to(tl.float32)
+        v0 = tl.load(vb + d).to(tl.float32)
+        if pid_m * BM < NP:
+            rows = 1 + pid_m * BM + tl.arange(0, BM)
+            q = tl.load(qb + rows[:, None] * sqt + d[None, :])
+            # the CLS key's score opens the running softmax: max = it, sum = 1, accumulator = its value
+            m_i = tl.sum(q.to(tl.float32) * k0[None, :], 1) * qk_scale
+            l_i = tl.zeros([BM], dtype=tl.float32) + 1.0
+            acc = tl.zeros([BM, D], dtype=tl.float32) + v0[None, :]
+            for start in range(0, NP, BN):
+                cols = 1 + start + tl.arange(0, BN)
+                k = tl.load(kb + cols[:, None] * skt + d[None, :])
+                v = tl.load(vb + cols[:, None] * svt + d[None, :])
+                s = tl.dot(q, tl.trans(k)) * qk_scale
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.math.exp2(m_i - m_new)
+                p = tl.math.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m_i = m_new
+            acc = acc / l_i[:, None]
+            tl.store(ob + rows[:, None] * sot + d[None, :], acc.to(O.dtype.element_ty))
+            tl.store(lb + rows, m_i + tl.math.log2(l_i))
+        else:
+            # the CLS query over all keys, one row: vector arithmetic (names of their own: Triton wants a name
+            # that both branches assign to have one type)
+            c_q = tl.load(qb + d).to(tl.float32)
+            c_m = tl.sum(c_q * k0, 0) * qk_scale
+            c_l = c_m * 0.0 + 1.0
+            c_acc = v0
+            for c_start in range(0, NP, BN):
+                c_cols = 1 + c_start + tl.arange(0, BN)
+                c_k = tl.load(kb + c_cols[:, None] * skt + d[None, :]).to(tl.float32)
+                c_v = tl.load(vb + c_cols[:, None] * svt + d[None, :]).to(tl.float32)
+                c_s = tl.sum(c_k * c_q[None, :], 1) * qk_scale
+                c_mn = tl.maximum(c_m, tl.max(c_s, 0))
+                c_alpha = tl.math.exp2(c_m - c_mn)
+                c_p = tl.math.exp2(c_s - c_mn)
+                c_l = c_l * c_alpha + tl.sum(c_p, 0)
+                c_acc = c_acc * c_alpha + tl.sum(c_p[:, None] * c_v, 0)
+                c_m = c_mn
+            tl.store(ob + d, (c_acc / c_l).to(O.dtype.element_ty))
+            tl.store(lb, c_m + tl.math.log2(c_l))
+
+    @triton.jit
+    def _bwd_dq(Q, K, V, O, DO, LSE, DELTA, DQ, PART, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+                sdb, sdh, sdt, H, NP, qk_scale, scale, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr):
+        """dQ for a block of queries (or the CLS query), D_i = rowsum(dO ∘ O) saved for the dK/dV kernel, and
+        this block's share of the CLS key's dK and dV (PART[bh, block, 0 / 1, :])."""
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        nblk = tl.num_programs(0)
+        b = bh // H
+        h = bh % H
+        qb = Q + b * sqb + h * sqh
+        kb = K + b * skb + h * skh
+        vb = V + b * svb + h * svh
+        ob = O + b * sob + h * soh
+        dob = DO + b * sdb + h * sdh
+        dqb = DQ + b * sob + h * soh  # dQ is laid out like O
+        lb = LSE + bh * (NP + 1)
+        db = DELTA + bh * (NP + 1)
+        pb = PART + (bh * nblk + pid_m) * 2 * D
+        d = tl.arange(0, D)
+        k0 = tl.load(kb + d).to(tl.float32)
+        v0 = tl.load(vb + d).to(tl.float32)
+        if pid_m * BM < NP:
+            rows = 1 + pid_m * BM + tl.arange(0, BM)
+            q = tl.load(qb + rows[:, None] * sqt + d[None, :])
+            do = tl.load(dob + rows[:, None] * sdt + d[None, :])
+            o = tl.load(ob + rows[:, None] * sot + d[None, :])
+            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+            tl.store(db + rows, delta)
+            lse = tl.load(lb + rows)
+            # the CLS key's column
+            pc = tl.math.exp2(tl.sum(q.to(tl.float32) * k0[None, :], 1) * qk_scale - lse)
+            dsc = pc * (tl.sum(do.to(tl.float32) * v0[None, :], 1) - delta)
+            dq = dsc[:, None] * k0[None, :]
+            tl.store(pb + d, tl.sum(dsc[:, None] * q.to(tl.float32), 0))
+            tl.store(pb + D + d, tl.sum(pc[:, None] * do.to(tl.float32), 0))
+            for start in range(0, NP, BN):
+                cols = 1 + start + tl.arange(0, BN)
+                k = tl.load(kb + cols[:, None] * skt + d[None, :])
+                v = tl.load(vb + cols[:, None] * svt + d[None, :])
+                p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+                dp = tl.dot(do, tl.trans(v))
+                ds = p * (dp - delta[:, None])
+                dq += tl.dot(ds.to(k.dtype), k)
+            tl.store(dqb + rows[:, None] * sot + d[None, :], (dq * scale).to(DQ.dtype.element_ty))
+        else:
+            q0 = tl.load(qb + d).to(tl.float32)
+            do0 = tl.load(dob + d).to(tl.float32)
+            o0 = tl.load(ob + d).to(tl.float32)
+            delta0 = tl.sum(do0 * o0, 0)
+            tl.store(db, delta0)
+            lse0 = tl.load(lb)
+            p_self = tl.math.exp2(tl.sum(q0 * k0, 0) * qk_scale - lse0)
+            ds_self = p_self * (tl.sum(do0 * v0, 0) - delta0)
+            dq0 = ds_self * k0
+            tl.store(pb + d, ds_self * q0)
+            tl.store(pb + D + d, p_self * do0)
+            for c_start in range(0, NP, BN):
+                c_cols = 1 + c_start + tl.arange(0, BN)
+                c_k = tl.load(kb + c_cols[:, None] * skt + d[None, :]).to(tl.float32)
+                c_v = tl.load(vb + c_cols[:, None] * svt + d[None, :]).to(tl.float32)
+                c_p = tl.math.exp2(tl.sum(c_k * q0[None, :], 1) * qk_scale - lse0)
+                c_ds = c_p * (tl.sum(c_v * do0[None, :], 1) - delta0)
+                dq0 += tl.sum(c_ds[:, None] * c_k, 0)
+            tl.store(dqb + d, (dq0 * scale).to(DQ.dtype.element_ty))
+
+    @triton.jit
+    def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
+                  sob, soh, sot, H, NP, qk_scale, scale, BN: tl.constexpr, BM: tl.constexpr, D: tl.constexpr):
+        """dK and dV for a block of patch keys: the patch queries' share in tiles, the CLS query's as vectors."""
+        pid_n = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        qb = Q + b * sqb + h * sqh
+        kb = K + b * skb + h * skh
+        vb = V + b * svb + h * svh
+        dob = DO + b * sdb + h * sdh
+        lb = LSE + bh * (NP + 1)
+        db = DELTA + bh * (NP + 1)
+        d = tl.arange(0, D)
+        cols = 1 + pid_n * BN + tl.arange(0, BN)
+        k = tl.load(kb + cols[:, None] * skt + d[None, :])
+        v = tl.load(vb + cols[:, None] * svt + d[None, :])
+        q0 = tl.load(qb + d).to(tl.float32)
+        do0 = tl.load(dob + d).to(tl.float32)
+        lse0 = tl.load(lb)
+        delta0 = tl.load(db)
+        p0 = tl.math.exp2(tl.sum(k.to(tl.float32) * q0[None, :], 1) * qk_scale - lse0)
+        dv = p0[:, None] * do0[None, :]
+        ds0 = p0 * (tl.sum(v.to(tl.float32) * do0[None, :], 1) - delta0)
+        dk = ds0[:, None] * q0[None, :]
+        for start in range(0, NP, BM):
+            rows = 1 + start + tl.arange(0, BM)
+            q = tl.load(qb + rows[:, None] * sqt + d[None, :])
+            do = tl.load(dob + rows[:, None] * sdt + d[None, :])
+            lse = tl.load(lb + rows)
+            delta = tl.load(db + rows)
+            pt = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
+            dv += tl.dot(pt.to(do.dtype), do)
+            dpt = tl.dot(v, tl.trans(do))
+            dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(q.dtype), q)
+        dkb = DK + b * sob + h * soh
+        dvb = DV + b * sob + h * soh
+        tl.store(dkb + cols[:, None] * sot + d[None, :], (dk * scale).to(DK.dtype.element_ty))
+        tl.store(dvb + cols[:, None] * sot + d[None, :], dv.to(DV.dtype.element_ty))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _bwd_fused(Q, K, V, O, DO, LSE, DELTA, DQACC, DQ, DK, DV, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
+                   sob, soh, sot, sdb, sdh, sdt, H, qk_scale, scale, NP: tl.constexpr, BN: tl.constexpr,
+                   BM: tl.constexpr, D: tl.constexpr):
+        """The whole backward of one (batch, head) in one program: the probabilities are recomputed once per
+        tile (five matmuls a tile, where the dQ and dK/dV kernels take seven between them). Key blocks outside,
+        query blocks inside; dQ's partial sums wait in an fp32 scratch (this program's own rows, in L2) and the
+        last key block writes them out. The CLS token's row and column as vectors."""
+        bh = tl.program_id(0)
+        b = bh // H
+        h = bh % H
+        qb = Q + b * sqb + h * sqh
+        kb = K + b * skb + h * skh
+        vb = V + b * svb + h * svh
+        ob = O + b * sob + h * soh
+        dob = DO + b * sdb + h * sdh
+        lb = LSE + bh * (NP + 1)
+        db = DELTA + bh * (NP + 1)
+        accb = DQACC + bh * (NP + 1) * D
+        d = tl.arange(0, D)
+        # the CLS token's own vectors
+        q0 = tl.load(qb + d).to(tl.float32)
+        k0 = tl.load(kb + d).to(tl.float32)
+        v0 = tl.load(vb + d).to(tl.float32)
+        do0 = tl.load(dob + d).to(tl.float32)
+        delta0 = tl.sum(do0 * tl.load(ob + d).to(tl.float32), 0)
+        lse0 = tl.load(lb)
+        # the CLS query's score for the CLS key: the self term of dQ0, dK0 and dV0
+        p_self = tl.math.exp2(tl.sum(q0 * k0, 0) * qk_scale - lse0)
+        ds_self = p_self * (tl.sum(do0 * v0, 0) - delta0)
+        dq0 = ds_self * k0
+        dk0 = ds_self * q0
+        dv0 = p_self * do0
+        # D_i = rowsum(dO ∘ O) for the patch rows, and the CLS key's column: dQ's first term, dK0's and dV0's sums
+        for i0 in range(0, NP, BM):
+            rows = 1 + i0 + tl.arange(0, BM)
+            q = tl.load(qb + rows[:, None] * sqt + d[None, :]).to(tl.float32)
+            do = tl.load(dob + rows[:, None] * sdt + d[None, :]).to(tl.float32)
+            delta = tl.sum(do * tl.load(ob + rows[:, None] * sot + d[None, :]).to(tl.float32), 1)
+            tl.store(db + rows, delta)
+            pc = tl.math.exp2(tl.sum(q * k0[None, :], 1) * qk_scale - tl.load(lb + rows))
+            dsc = pc * (tl.sum(do * v0[None, :], 1) - delta)
+            tl.store(accb + rows[:, None] * D + d[None, :], dsc[:, None] * k0[None, :])
+            dk0 += tl.sum(dsc[:, None] * q, 0)
+            dv0 += tl.sum(pc[:, None] * do, 0)
+        for j0 in range(0, NP, BN):
+            cols = 1 + j0 + tl.arange(0, BN)
+            k = tl.load(kb + cols[:, None] * skt + d[None, :])
+            v = tl.load(vb + cols[:, None] * svt + d[None, :])
+            # the CLS query's row for these keys
+            p0 = tl.math.exp2(tl.sum(k.to(tl.float32) * q0[None, :], 1) * qk_scale - lse0)
+            ds0 = p0 * (tl.sum(v.to(tl.float32) * do0[None, :], 1) - delta0)
+            dv = p0[:, None] * do0[None, :]
+            dk = ds0[:, None] * q0[None, :]
+            dq0 += tl.sum(ds0[:, None] * k.to(tl.float32), 0)
+            for i0 in range(0, NP, BM):
+                rows = 1 + i0 + tl.arange(0, BM)
+                q = tl.load(qb + rows[:, None] * sqt + d[None, :])
+                do = tl.load(dob + rows[:, None] * sdt + d[None, :])
+                lse = tl.load(lb + rows)
+                delta = tl.load(db + rows)
+                pt = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
+                dv += tl.dot(pt.to(do.dtype), do)
+                dst = pt * (tl.dot(v, tl.trans(do)) - delta[None, :])
+                dsb = dst.to(q.dtype)
+                dk += tl.dot(dsb, q)
+                acc_p = accb + rows[:, None] * D + d[None, :]
+                dq = tl.load(acc_p) + tl.dot(tl.trans(dsb), k)
+                if j0 + BN < NP:
+                    tl.store(acc_p, dq)
+                else:
+                    tl.store(DQ + b * sob + h * soh + rows[:, None] * sot + d[None, :],
+                             (dq * scale).to(DQ.dtype.element_ty))
+            tl.store(DK + b * sob + h * soh + cols[:, None] * sot + d[None, :], (dk * scale).to(DK.dtype.element_ty))
+            tl.store(DV + b * sob + h * soh + cols[:, None] * sot + d[None, :], dv.to(DV.dtype.element_ty))
+        row0 = b * sob + h * soh + d
+        tl.store(DQ + row0, (dq0 * scale).to(DQ.dtype.element_ty))
+        tl.store(DK + row0, (dk0 * scale).to(DK.dtype.element_ty))
+        tl.store(DV + row0, dv0.to(DV.dtype.element_ty))
+
+
+def _bthd(x: torch.Tensor) -> torch.Tensor:
+    """A fresh [B, T, H, D] tensor seen as [B, H, T, D] (the layout the projections before and after use)."""
+    b, h, t, d = x.shape
+    return x.new_empty(b, t, h, d).transpose(1, 2)
+
+
+def launch_fwd(q, k, v, o, lse, scale, cfg):
+    B, H, T, D = q.shape
+    NP = T - 1
+    _fwd[(NP // cfg["fwd_m"] + 1, B * H)](
+        q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], H, NP, scale * LOG2E,
+        BM=cfg["fwd_m"], BN=cfg["fwd_n"], D=D, num_warps=cfg["warps_fwd"], num_stages=cfg["stages_fwd"])
+
+
+def launch_dq(do, q, k, v, o, lse, delta, dq, part, scale, cfg):
+    B, H, T, D = q.shape
+    NP = T - 1
+    _bwd_dq[(part.shape[1], B * H)](
+        q, k, v, o, do, lse, delta, dq, part, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+        *do.stride()[:3], H, NP, scale * LOG2E, scale, BM=cfg["dq_m"], BN=cfg["dq_n"], D=D,
+        num_warps=cfg["warps_dq"], num_stages=cfg["stages_dq"])
+
+
+def launch_dkdv(do, q, k, v, lse, delta, dk, dv, scale, cfg):
+    B, H, T, D = q.shape
+    NP = T - 1
+    _bwd_dkdv[(NP // cfg["kv_n"], B * H)](
+        q, k, v, do, lse, delta, dk, dv, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+        *dk.stride()[:3], H, NP, scale * LOG2E, scale, BN=cfg["kv_n"], BM=cfg["kv_m"], D=D,
+        num_warps=cfg["warps_kv"], num_stages=cfg["stages_kv"])
+
+
+def _forward(q, k, v, scale, cfg):
+    B, H, T, D = q.shape
+    o = _bthd(q)
+    lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+    launch_fwd(q, k, v, o, lse, scale, cfg)
+    return o, lse
+
+
+def launch_fused(do, q, k, v, o, lse, delta, acc, dq, dk, dv, scale, cfg):
+    B, H, T, D = q.shape
+    _bwd_fused[(B * H,)](
+        q, k, v, o, do, lse, delta, acc, dq, dk, dv, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *o.stride()[:3], *do.stride()[:3], H, scale * LOG2E, scale, NP=T - 1, BN=cfg["fu_n"], BM=cfg["fu_m"], D=D,
+        num_warps=cfg["warps_fu"], num_stages=cfg["stages_fu"])
+
+
+def _backward(do, q, k, v, o, lse, scale, cfg):
+    B, H, T, D = q.shape
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    dq, dk, dv = _bthd(q), _bthd(q), _bthd(q)
+    delta = torch.empty_like(lse)
+    if cfg.get("bwd") == "fused":
+        acc = torch.empty(B * H, T, D, device=q.device, dtype=torch.float32)
+        launch_fused(do, q, k, v, o, lse, delta, acc, dq, dk, dv, scale, cfg)
+        return dq, dk, dv
+    part = torch.empty(B * H, (T - 1) // cfg["dq_m"] + 1, 2, D, device=q.device, dtype=torch.float32)
+    launch_dq(do, q, k, v, o, lse, delta, dq, part, scale, cfg)
+    launch_dkdv(do, q, k, v, lse, delta, dk, dv, scale, cfg)
+    # the CLS key's row: the blocks' partial sums (dK's scaled like the rest)
+    cls = part.sum(1).view(B, H, 2, D)
+    dk[:, :, 0] = (cls[:, :, 0] * scale).to(dk.dtype)
+    dv[:, :, 0] = cls[:, :, 1].to(dv.dtype)
+    return dq, dk, dv
+
+
+@torch.library.custom_op("sweeper::cls_attn_fwd", mutates_args=())
+def cls_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention over [B, H, 1 + n·tile, D] with the first token outside the tiles: (output, lse in log2)."""
+    return _forward(q, k, v, scale, CONFIG)
+
+
+@cls_attn_fwd.register_fake
+def _(q, k, v, scale):
+    B, H, T, _ = q.shape
+    return _bthd(q), q.new_empty(B, H, T, dtype=torch.float32)
+
+
+@torch.library.custom_op("sweeper::cls_attn_bwd", mutates_args=())
+def cls_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                 lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(do, q, k, v, o, lse, scale, CONFIG)
+
+
+@cls_attn_bwd.register_fake
+def _(do, q, k, v, o, lse, scale):
+    return _bthd(q), _bthd(q), _bthd(q)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.scale = scale
+
+
+def _grad(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = cls_attn_bwd(do, q, k, v, o, lse, ctx.scale)
+    return dq, dk, dv, None
+
+
+cls_attn_fwd.register_autograd(_grad, setup_context=_setup)
+
+
+def cls_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Softmax attention of [B, H, T, D] q, k, v (no mask, no dropout) with T = 1 + a multiple of the tile;
+    the output as [B, H, T, D] (a view of a [B, T, H, D] tensor)."""
+    why = supported(q, k, v)
+    if why:
+        raise ValueError(f"cls_attention: {why}")
+    return cls_attn_fwd(q, k, v, 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale))[0]
+
+
+IMPLEMENTATION = "sweeper_cls"
+"""The name under which ``attention_forward`` is registered with transformers' ``AttentionInterface``."""
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                      is_causal: bool | None = None, **kwargs):
+    """transformers' attention interface: these kernels where they apply (CUDA, bf16 or fp16, no mask, no
+    dropout, not causal, 1 + a multiple of the tile tokens), PyTorch's SDPA (transformers' own ``sdpa``
+    function) otherwise. Returns ([B, T, H, D] output, None) as that does."""
+    if (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and attention_mask is None and not dropout
+            and not (is_causal if is_causal is not None else getattr(module, "is_causal", False))
+            and supported(query, key, value) is None):
+        return cls_attention(query, key, value, scaling).transpose(1, 2), None
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+
+
+def use(backbone) -> None:
+    """Make a transformers model (DINOv2's ``Dinov2Model``) attend through ``attention_forward``."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(IMPLEMENTATION, attention_forward)
+    backbone.set_attn_implementation(IMPLEMENTATION)
+    if backbone.config._attn_implementation != IMPLEMENTATION:
+        raise RuntimeError(f"training.cls_attention: {type(backbone).__name__} kept attention "
+                           f"{backbone.config._attn_implementation!r}")
+
+
+def active(model) -> bool:
+    """Whether ``model`` (a family's model, with a ``backbone``) attends through these kernels."""
+    cfg = getattr(getattr(model, "backbone", None), "config", None)
+    return getattr(cfg, "_attn_implementation", None) == IMPLEMENTATION
