@@ -56,7 +56,6 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-tune", action="store_true")
-    ap.add_argument("--only-fused", action="store_true", help="tune the fused backward only (the rest: CONFIG)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     B, H, T, D = a.batch, a.heads, a.tokens, 64
@@ -85,13 +84,9 @@ def main(argv=None):
             "dq": (("dq_m", "dq_n", "warps_dq", "stages_dq"), ((64, 128), (32, 64, 128), (4, 8), (1, 2)),
                    None),
             "dkdv": (("kv_n", "kv_m", "warps_kv", "stages_kv"), ((64, 128), (32, 64, 128), (4, 8), (1, 2)),
-                     lambda c: ca.launch_dkdv(do, q, k, v, lse, delta, dk, dv, scale, c)),
-            "fused": (("fu_n", "fu_m", "warps_fu", "stages_fu"), ((64, 128), (32, 64), (4, 8), (1, 2)),
-                      lambda c: ca.launch_fused(do, q, k, v, o, lse, delta, acc, dq, dk, dv, scale, c)),
+                     lambda c: ca.launch_dkdv(do, q, k, v, lse, delta, dk, dv, part0, scale, c)),
         }
-        acc = torch.empty(B * H, T, D, device="cuda")
-        if a.only_fused:
-            grids = {"fused": grids["fused"]}
+
         # D_i from the default dQ kernel, for the dK/dV timings
         part0 = torch.empty(B * H, (T - 1) // cfg["dq_m"] + 1, 2, D, device="cuda")
         ca.launch_dq(do, q, k, v, o, lse, delta, dq, part0, scale, cfg)
@@ -121,9 +116,8 @@ def main(argv=None):
 
 
     # 2. the whole op, forward + backward
-    def step(fn, qq, kk, vv, dd, bwd="split"):
+    def step(fn, qq, kk, vv, dd):
         def run():
-            ca.CONFIG["bwd"] = bwd  # the backward reads CONFIG when it runs
             for t in (qq, kk, vv):
                 t.grad = None
             fn(qq, kk, vv).backward(dd)
@@ -136,18 +130,16 @@ def main(argv=None):
         return f
 
     rows = {}
-    for layout in (("bthd",) if a.only_fused else ("bthd", "bhtd")):
+    for layout in ("bthd", "bhtd"):
         for t in (T, T - 1):
             xs = [x.requires_grad_(i < 3) for i, x in enumerate(make(t, layout))]
             fns = {"cudnn": sdpa(SDPBackend.CUDNN_ATTENTION)}
             if t == T:
                 fns["flash2"] = sdpa(SDPBackend.FLASH_ATTENTION)
                 fns["cls_triton"] = ca.cls_attention
-                fns["cls_triton_fused"] = ca.cls_attention
             for name, fn in fns.items():
                 try:
-                    ms, rounds = timed(step(fn, *xs, bwd="fused" if name.endswith("fused") else "split"),
-                                       a.iters, a.rounds)
+                    ms, rounds = timed(step(fn, *xs), a.iters, a.rounds)
                 except Exception as e:  # noqa: BLE001
                     emit(dict(base, kind="op", variant=name, layout=layout, tokens=t,
                               error=f"{type(e).__name__}: {str(e)[:300]}"), a.out)
@@ -170,9 +162,7 @@ def main(argv=None):
     ref = F.scaled_dot_product_attention(q32, k32, v32)
     ref.backward(do.float())
     want = [ref.detach(), q32.grad, k32.grad, v32.grad]
-    for name, fn in (("cudnn", sdpa(SDPBackend.CUDNN_ATTENTION)), ("cls_triton", ca.cls_attention),
-                     ("cls_triton_fused", ca.cls_attention)):
-        ca.CONFIG["bwd"] = "fused" if name.endswith("fused") else "split"
+    for name, fn in (("cudnn", sdpa(SDPBackend.CUDNN_ATTENTION)), ("cls_triton", ca.cls_attention)):
         qq, kk, vv = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
         out = fn(qq, kk, vv)
         out.backward(do)

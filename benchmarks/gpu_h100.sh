@@ -148,6 +148,7 @@ b --manifest $VB --label vitb-bs512-sdpa --set search.space.batch_size=512 --set
 b --manifest $VB --label vitb-bs512-clsattn --set search.space.batch_size=512 --set training.cls_attention=true --modes product,loader
 b --manifest $VB --label vitb-bs1024-clsattn --set search.space.batch_size=1024 --set training.cls_attention=true --modes product
 b --manifest $VB --label vitb-bs128-clsattn-vs-plain --set training.cls_attention=true --modes product,plain,plain-clip
+b --manifest $VB --label vitb-bs128-sdpa-vs-plain --set training.cls_attention=false --modes product,plain,plain-clip
 b --manifest $VS --label vits-bs256-sdpa --set training.cls_attention=false --modes product
 b --manifest $VS --label vits-bs256-clsattn --set training.cls_attention=true --modes product,plain
 # fc1's weight and bias gradients in one cuBLASLt matmul (BGRADB epilogue; step_bench.py --fc1-bgradb) against

@@ -110,7 +110,7 @@ def probe_peak_bytes(manifest: dict) -> dict:
     transform_blocks(family, model, dev, fast_blocks=bool(manifest["training"].get("fast_blocks", True)),
                      fp8=bool(manifest["training"].get("fp8", False)),
                      gelu_epilogue=bool(manifest["training"].get("gelu_epilogue", False)),
-                     cls_attention=manifest["training"].get("cls_attention", "auto"))
+                     cls_attention=manifest["training"].get("cls_attention", "auto"), rows=hp.batch_size)
     master = MasterWeights(model) if master_on else None
     opt = torch.optim.AdamW(master.masters if master is not None else model.parameters(), lr=1e-4)
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(prec)

@@ -13,12 +13,25 @@ those of the full attention, only the order of the additions differs (as between
 
 The backward is FlashAttention-2's (recompute the probabilities from the saved log-sum-exp): one kernel
 writes dQ, program by query block, with the CLS key's share; one writes dK and dV, program by key block,
-with the CLS query's share; the CLS key's own dK and dV are summed from per-program partials. Three kernel
-launches forward and backward, no extra passes over the activations beyond what the kernels read.
+with the CLS query's share; the CLS key's own dK and dV are summed from the dQ programs' partials. One
+kernel forward, two backward, no passes over the activations beyond what the kernels read.
 
-Triton kernels, called through ``torch.library`` custom ops (opaque to ``torch.compile``). Tested against
-PyTorch's attention in Triton's interpreter on the CPU (``tests/test_cls_attn.py``) and on CUDA. The block sizes
-are the ones measured fastest on an H200 (``benchmarks/attn_kernels.py``).
+Triton kernels, called through ``torch.library`` custom ops (opaque to ``torch.compile``, recorded into CUDA
+graphs like any kernel). Tested against PyTorch's attention in Triton's interpreter on the CPU and on CUDA
+(``tests/test_cls_attn.py``). The block sizes are the ones measured fastest on an H200
+(``benchmarks/cls_attn_bench.py``).
+
+Measured on one H200 (2026-11-28, eighteenth session; docs/gpu.md, ``benchmarks/results/gpu_2026-11-28-eighteenth.md``):
+one layer of ViT-B/14 at batch 512, forward + backward, 1.98 ms against cuDNN's 2.52 (0.78×; cuDNN at a
+tile-aligned 256 tokens: 1.63); the product's ViT-B/14 step at batch 512 161.3 / 161.6 ms against 166.3 /
+166.1 ms with cuDNN in the same call (MFU 43.3 → 44.6 %), at batch 1024 317.9 ms (45.3 %); ViT-S/14 at 256
+34.3 against 35.2 ms.
+
+Tried and not kept (same session, ``benchmarks/results/cls_attn_{fused,clsin}_h200_2026-11-28.jsonl``): the
+whole backward of a (batch, head) in one program, dQ's partial sums kept in an fp32 scratch (five matmuls a
+tile instead of seven; 2.56 ms against 1.46 for the two kernels: one long serial program per head, and most
+tile configurations crashed Triton 3.6's compiler); the CLS query's row computed by the first query block's
+program beside its tiles instead of by a program of its own (forward and dQ each a few percent slower).
 """
 
 from __future__ import annotations
@@ -38,9 +51,11 @@ LOG2E = 1.4426950408889634
 
 # Tiles, warps and pipeline stages of the three kernels: the forward's query × key tile, dQ's query × key tile,
 # dK/dV's key × query tile. Each kernel's best of a grid on an H200 (ViT-B/14, batch 512; 2026-11-28,
-# benchmarks/results/cls_attn_h200_2026-11-28.jsonl): forward 0.481 ms, dQ 0.746, dK/dV 0.718 a layer.
+# benchmarks/results/cls_attn_h200_2026-11-28.jsonl and cls_attn_clsin_h200_2026-11-28.jsonl, which adds tiles
+# of 256 keys or queries): forward 0.481 ms, dQ 0.735-0.746, dK/dV 0.718-0.723 a layer. Tiles of 64 and 4 warps
+# won in every kernel. The patch count must be a multiple of the largest tile (``supported``).
 CONFIG = dict(fwd_m=64, fwd_n=64, dq_m=64, dq_n=64, kv_n=64, kv_m=64, warps_fwd=4, warps_dq=4, warps_kv=4,
-              stages_fwd=3, stages_dq=2, stages_kv=1, bwd="split", fu_n=64, fu_m=64, warps_fu=4, stages_fu=1)
+              stages_fwd=3, stages_dq=2, stages_kv=1)
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cfg: dict | None = None) -> str | None:
@@ -55,11 +70,14 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cfg: dict | 
     d, t = q.shape[-1], q.shape[-2]
     if d not in (16, 32, 64, 128):
         return f"head dim {d} (16, 32, 64 or 128 only)"
-    blocks = [c[x] for x in ("fwd_m", "fwd_n", "dq_m", "dq_n", "kv_n", "kv_m", "fu_n", "fu_m")]
+    blocks = [c[x] for x in ("fwd_m", "fwd_n", "dq_m", "dq_n", "kv_n", "kv_m")]
     if t < 2 or (t - 1) % max(blocks) != 0:
         return f"{t} tokens: needs 1 + a multiple of {max(blocks)} (the CLS token and whole tiles of patches)"
     if any(x.stride(-1) != 1 for x in (q, k, v)):
         return "the head dim is not contiguous"
+    if q.numel() >= 2 ** 31 or any(sum((n - 1) * st for n, st in zip(x.shape, x.stride())) >= 2 ** 31
+                                   for x in (q, k, v)):
+        return "2^31 elements or more (the kernels' offsets are 32-bit)"
     return None
 
 
@@ -189,9 +207,11 @@ if triton is not None:
             tl.store(dqb + d, (dq0 * scale).to(DQ.dtype.element_ty))
 
     @triton.jit
-    def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
-                  sob, soh, sot, H, NP, qk_scale, scale, BN: tl.constexpr, BM: tl.constexpr, D: tl.constexpr):
-        """dK and dV for a block of patch keys: the patch queries' share in tiles, the CLS query's as vectors."""
+    def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, PART, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh,
+                  sdt, sob, soh, sot, H, NP, NPART, qk_scale, scale, BN: tl.constexpr, BM: tl.constexpr,
+                  D: tl.constexpr):
+        """dK and dV for a block of patch keys: the patch queries' share in tiles, the CLS query's as vectors.
+        The first block's program also writes the CLS key's dK and dV: the dQ kernel's NPART partial sums."""
         pid_n = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
@@ -229,89 +249,15 @@ if triton is not None:
         dvb = DV + b * sob + h * soh
         tl.store(dkb + cols[:, None] * sot + d[None, :], (dk * scale).to(DK.dtype.element_ty))
         tl.store(dvb + cols[:, None] * sot + d[None, :], dv.to(DV.dtype.element_ty))
-
-
-if triton is not None:
-
-    @triton.jit
-    def _bwd_fused(Q, K, V, O, DO, LSE, DELTA, DQACC, DQ, DK, DV, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
-                   sob, soh, sot, sdb, sdh, sdt, H, qk_scale, scale, NP: tl.constexpr, BN: tl.constexpr,
-                   BM: tl.constexpr, D: tl.constexpr):
-        """The whole backward of one (batch, head) in one program: the probabilities are recomputed once per
-        tile (five matmuls a tile, where the dQ and dK/dV kernels take seven between them). Key blocks outside,
-        query blocks inside; dQ's partial sums wait in an fp32 scratch (this program's own rows, in L2) and the
-        last key block writes them out. The CLS token's row and column as vectors."""
-        bh = tl.program_id(0)
-        b = bh // H
-        h = bh % H
-        qb = Q + b * sqb + h * sqh
-        kb = K + b * skb + h * skh
-        vb = V + b * svb + h * svh
-        ob = O + b * sob + h * soh
-        dob = DO + b * sdb + h * sdh
-        lb = LSE + bh * (NP + 1)
-        db = DELTA + bh * (NP + 1)
-        accb = DQACC + bh * (NP + 1) * D
-        d = tl.arange(0, D)
-        # the CLS token's own vectors
-        q0 = tl.load(qb + d).to(tl.float32)
-        k0 = tl.load(kb + d).to(tl.float32)
-        v0 = tl.load(vb + d).to(tl.float32)
-        do0 = tl.load(dob + d).to(tl.float32)
-        delta0 = tl.sum(do0 * tl.load(ob + d).to(tl.float32), 0)
-        lse0 = tl.load(lb)
-        # the CLS query's score for the CLS key: the self term of dQ0, dK0 and dV0
-        p_self = tl.math.exp2(tl.sum(q0 * k0, 0) * qk_scale - lse0)
-        ds_self = p_self * (tl.sum(do0 * v0, 0) - delta0)
-        dq0 = ds_self * k0
-        dk0 = ds_self * q0
-        dv0 = p_self * do0
-        # D_i = rowsum(dO ∘ O) for the patch rows, and the CLS key's column: dQ's first term, dK0's and dV0's sums
-        for i0 in range(0, NP, BM):
-            rows = 1 + i0 + tl.arange(0, BM)
-            q = tl.load(qb + rows[:, None] * sqt + d[None, :]).to(tl.float32)
-            do = tl.load(dob + rows[:, None] * sdt + d[None, :]).to(tl.float32)
-            delta = tl.sum(do * tl.load(ob + rows[:, None] * sot + d[None, :]).to(tl.float32), 1)
-            tl.store(db + rows, delta)
-            pc = tl.math.exp2(tl.sum(q * k0[None, :], 1) * qk_scale - tl.load(lb + rows))
-            dsc = pc * (tl.sum(do * v0[None, :], 1) - delta)
-            tl.store(accb + rows[:, None] * D + d[None, :], dsc[:, None] * k0[None, :])
-            dk0 += tl.sum(dsc[:, None] * q, 0)
-            dv0 += tl.sum(pc[:, None] * do, 0)
-        for j0 in range(0, NP, BN):
-            cols = 1 + j0 + tl.arange(0, BN)
-            k = tl.load(kb + cols[:, None] * skt + d[None, :])
-            v = tl.load(vb + cols[:, None] * svt + d[None, :])
-            # the CLS query's row for these keys
-            p0 = tl.math.exp2(tl.sum(k.to(tl.float32) * q0[None, :], 1) * qk_scale - lse0)
-            ds0 = p0 * (tl.sum(v.to(tl.float32) * do0[None, :], 1) - delta0)
-            dv = p0[:, None] * do0[None, :]
-            dk = ds0[:, None] * q0[None, :]
-            dq0 += tl.sum(ds0[:, None] * k.to(tl.float32), 0)
-            for i0 in range(0, NP, BM):
-                rows = 1 + i0 + tl.arange(0, BM)
-                q = tl.load(qb + rows[:, None] * sqt + d[None, :])
-                do = tl.load(dob + rows[:, None] * sdt + d[None, :])
-                lse = tl.load(lb + rows)
-                delta = tl.load(db + rows)
-                pt = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
-                dv += tl.dot(pt.to(do.dtype), do)
-                dst = pt * (tl.dot(v, tl.trans(do)) - delta[None, :])
-                dsb = dst.to(q.dtype)
-                dk += tl.dot(dsb, q)
-                acc_p = accb + rows[:, None] * D + d[None, :]
-                dq = tl.load(acc_p) + tl.dot(tl.trans(dsb), k)
-                if j0 + BN < NP:
-                    tl.store(acc_p, dq)
-                else:
-                    tl.store(DQ + b * sob + h * soh + rows[:, None] * sot + d[None, :],
-                             (dq * scale).to(DQ.dtype.element_ty))
-            tl.store(DK + b * sob + h * soh + cols[:, None] * sot + d[None, :], (dk * scale).to(DK.dtype.element_ty))
-            tl.store(DV + b * sob + h * soh + cols[:, None] * sot + d[None, :], dv.to(DV.dtype.element_ty))
-        row0 = b * sob + h * soh + d
-        tl.store(DQ + row0, (dq0 * scale).to(DQ.dtype.element_ty))
-        tl.store(DK + row0, (dk0 * scale).to(DK.dtype.element_ty))
-        tl.store(DV + row0, dv0.to(DV.dtype.element_ty))
+        if pid_n == 0:
+            pb = PART + bh * NPART * 2 * D
+            c_dk = tl.zeros([D], dtype=tl.float32)
+            c_dv = tl.zeros([D], dtype=tl.float32)
+            for i in range(0, NPART):
+                c_dk += tl.load(pb + i * 2 * D + d)
+                c_dv += tl.load(pb + i * 2 * D + D + d)
+            tl.store(dkb + d, (c_dk * scale).to(DK.dtype.element_ty))
+            tl.store(dvb + d, c_dv.to(DV.dtype.element_ty))
 
 
 def _bthd(x: torch.Tensor) -> torch.Tensor:
@@ -337,12 +283,12 @@ def launch_dq(do, q, k, v, o, lse, delta, dq, part, scale, cfg):
         num_warps=cfg["warps_dq"], num_stages=cfg["stages_dq"])
 
 
-def launch_dkdv(do, q, k, v, lse, delta, dk, dv, scale, cfg):
+def launch_dkdv(do, q, k, v, lse, delta, dk, dv, part, scale, cfg):
     B, H, T, D = q.shape
     NP = T - 1
     _bwd_dkdv[(NP // cfg["kv_n"], B * H)](
-        q, k, v, do, lse, delta, dk, dv, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-        *dk.stride()[:3], H, NP, scale * LOG2E, scale, BN=cfg["kv_n"], BM=cfg["kv_m"], D=D,
+        q, k, v, do, lse, delta, dk, dv, part, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+        *dk.stride()[:3], H, NP, part.shape[1], scale * LOG2E, scale, BN=cfg["kv_n"], BM=cfg["kv_m"], D=D,
         num_warps=cfg["warps_kv"], num_stages=cfg["stages_kv"])
 
 
@@ -354,31 +300,15 @@ def _forward(q, k, v, scale, cfg):
     return o, lse
 
 
-def launch_fused(do, q, k, v, o, lse, delta, acc, dq, dk, dv, scale, cfg):
-    B, H, T, D = q.shape
-    _bwd_fused[(B * H,)](
-        q, k, v, o, do, lse, delta, acc, dq, dk, dv, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *o.stride()[:3], *do.stride()[:3], H, scale * LOG2E, scale, NP=T - 1, BN=cfg["fu_n"], BM=cfg["fu_m"], D=D,
-        num_warps=cfg["warps_fu"], num_stages=cfg["stages_fu"])
-
-
 def _backward(do, q, k, v, o, lse, scale, cfg):
     B, H, T, D = q.shape
     if do.stride(-1) != 1:
         do = do.contiguous()
     dq, dk, dv = _bthd(q), _bthd(q), _bthd(q)
     delta = torch.empty_like(lse)
-    if cfg.get("bwd") == "fused":
-        acc = torch.empty(B * H, T, D, device=q.device, dtype=torch.float32)
-        launch_fused(do, q, k, v, o, lse, delta, acc, dq, dk, dv, scale, cfg)
-        return dq, dk, dv
     part = torch.empty(B * H, (T - 1) // cfg["dq_m"] + 1, 2, D, device=q.device, dtype=torch.float32)
     launch_dq(do, q, k, v, o, lse, delta, dq, part, scale, cfg)
-    launch_dkdv(do, q, k, v, lse, delta, dk, dv, scale, cfg)
-    # the CLS key's row: the blocks' partial sums (dK's scaled like the rest)
-    cls = part.sum(1).view(B, H, 2, D)
-    dk[:, :, 0] = (cls[:, :, 0] * scale).to(dk.dtype)
-    dv[:, :, 0] = cls[:, :, 1].to(dv.dtype)
+    launch_dkdv(do, q, k, v, lse, delta, dk, dv, part, scale, cfg)
     return dq, dk, dv
 
 

@@ -23,7 +23,9 @@ behind layout conversions, about 6 ms of a 173 ms ViT-B/14 step at batch 512 on 
 
 Tried and not kept (docs/gpu.md, ninth session): attending with the 256 patch tokens in one tile-aligned
 fused kernel and merging the CLS token in by log-sum-exp. cuDNN's kernels got faster (forward 9.0 → 3.8 ms,
-backward 20 → 13 ms a step), but the merge's extra elementwise passes cost more than that saved.
+backward 20 → 13 ms a step), but the merge's extra elementwise passes cost more than that saved. The
+CLS token is now kept out of the tiles inside the attention kernels themselves, with no extra pass
+(``trainables/cls_attn.py``, ``training.cls_attention``).
 """
 
 from __future__ import annotations

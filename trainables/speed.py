@@ -877,12 +877,24 @@ def use_gelu_epilogue(knob: bool, family, model: nn.Module, device: torch.device
     return n
 
 
-def use_cls_attention(knob: Any, family, model: nn.Module, device: torch.device) -> bool:
+# ``training.cls_attention: auto`` without CUDA graphs: the kernels only where a micro-batch's rows × heads reach
+# this. Each call launches its Triton kernels from Python (about 3 launches and a custom op's dispatch a layer),
+# while the GPU time they save grows with the batch. Measured on one H200 (2026-11-28, eighteenth session):
+# ViT-B/14 at 512 rows (6,144) 4.5-4.9 ms faster a step; at 128 rows (1,536), where the product's step was
+# bound by that machine's host, 3.8-6.8 ms slower (the plain loop, with less host work, no slower). With the
+# blocks replayed as CUDA graphs no launch is the host's: ViT-S/14 at 256 rows (1,536) 1 ms faster.
+CLS_ATTENTION_MIN_ROWS_HEADS = 3072
+
+
+def use_cls_attention(knob: Any, family, model: nn.Module, device: torch.device, *, rows: int | None = None,
+                      cudagraphs: bool = False) -> bool:
     """``training.cls_attention``: the model's attention by ``trainables.cls_attn`` (the CLS token outside the
-    tiles). ``auto``: for a family with a CLS token on CUDA with Triton; ``true`` for a family without one is a
-    UserError naming the field (the manifest check says the same), and on CUDA without Triton too. On a CPU it
-    does nothing. Per call, a shape or dtype the kernels do not take (a patch count that is not a multiple of
-    the tile, fp32) runs PyTorch's SDPA instead (``cls_attn.attention_forward``)."""
+    tiles). ``auto``: for a family with a CLS token on CUDA with Triton, where the blocks replay as CUDA graphs
+    or ``rows`` (the micro-batch; None: not known) × heads reaches ``CLS_ATTENTION_MIN_ROWS_HEADS``. ``true``:
+    wherever the family has a CLS token; for one without, a UserError naming the field (the manifest check says
+    the same), and on CUDA without Triton too. On a CPU it does nothing. Per call, a shape or dtype the kernels
+    do not take (a patch count that is not a multiple of the tile, fp32) runs PyTorch's SDPA instead
+    (``cls_attn.attention_forward``)."""
     if knob is False or knob == "false":
         return False
     from sweeper.errors import UserError
@@ -901,6 +913,11 @@ def use_cls_attention(knob: Any, family, model: nn.Module, device: torch.device)
             raise UserError("training.cls_attention: Triton is not installed (it comes with PyTorch's CUDA wheels); "
                             "set it to auto or false for PyTorch's SDPA")
         return False
+    heads = int(getattr(model.backbone.config, "num_attention_heads", 1))
+    if knob == "auto" and not cudagraphs and rows is not None and rows * heads < CLS_ATTENTION_MIN_ROWS_HEADS:
+        log.info("attention: PyTorch's SDPA (training.cls_attention auto: %d rows × %d heads is under %d without "
+                 "CUDA graphs; true forces trainables/cls_attn.py)", rows, heads, CLS_ATTENTION_MIN_ROWS_HEADS)
+        return False
     cls_attn.use(model.backbone)
     log.info("attention with the CLS token outside the tiles (training.cls_attention %s, trainables/cls_attn.py)", knob)
     return True
@@ -908,18 +925,21 @@ def use_cls_attention(knob: Any, family, model: nn.Module, device: torch.device)
 
 def transform_blocks(family, model: nn.Module, device: torch.device, *, fast_blocks: bool, fp8: bool,
                      gelu_epilogue: bool = False, strategy: str = "plain", world: int = 1, stage: int | None = None,
-                     ddp_impl: str = "blocks", cls_attention: Any = False) -> tuple[int, int, int]:
+                     ddp_impl: str = "blocks", cls_attention: Any = False, rows: int | None = None
+                     ) -> tuple[int, int, int]:
     """The changes a trial makes to its blocks before compiling them, in their one order: the family's fast
     blocks, the GELU epilogue MLPs (which take the fast blocks' folded layer), then FP8 (which takes plain
     ``nn.Linear`` only, so layers the fast blocks replaced stay bf16; the manifest refuses FP8 with the GELU
     epilogues). Returns (blocks made fast, MLPs with GELU epilogues, layers made FP8). The trial's Stepper, the
     packing probe and the step benchmark's plain loop all call this, so the three hold the same model. The
-    attention kernel (``training.cls_attention``, ``use_cls_attention``) is chosen here too, for the same reason."""
+    attention kernel (``training.cls_attention``, ``use_cls_attention``) is chosen here for the other two callers;
+    the Stepper passes ``False`` and chooses it once it knows whether its blocks replay as CUDA graphs (the plain
+    loop then takes the Stepper's choice as true or false)."""
     if gelu_epilogue and fp8:
         from sweeper.errors import UserError
 
         raise UserError("training.gelu_epilogue: not with training.fp8 (the MLP's first layer would be FP8's)")
-    use_cls_attention(cls_attention, family, model, device)
+    use_cls_attention(cls_attention, family, model, device, rows=rows)
     return (use_fast_blocks(fast_blocks, family, model, strategy=strategy, stage=stage),
             use_gelu_epilogue(gelu_epilogue, family, model, device, strategy=strategy, world=world, ddp_impl=ddp_impl),
             use_fp8(fp8, model, device, strategy=strategy, world=world, ddp_impl=ddp_impl))
@@ -992,16 +1012,18 @@ class Stepper:
         ddp_spec = DDPSpec(**(ddp or {}))  # the manifest's defaults for a caller that passes none
         self.fast_blocks, self.gelu_epilogue, self.fp8 = transform_blocks(
             family, model, device, fast_blocks=fast_blocks, fp8=fp8, gelu_epilogue=gelu_epilogue, strategy=strategy,
-            world=world, stage=self.stage, ddp_impl=ddp_spec.impl, cls_attention=cls_attention)
-        from .cls_attn import active
-
-        self.cls_attention = active(model)
+            world=world, stage=self.stage, ddp_impl=ddp_spec.impl)
         on_cuda = device.type == "cuda"
         masters = uses_bf16_weights(bf16_weights, on_cuda=on_cuda, strategy=strategy, world=world, precision=precision,
                                     ddp_impl=ddp_spec.impl)
         self.cudagraphs = use_cudagraphs(fp8_layers=self.fp8, compile_=bool(compile_), device=device,
                                          bf16_weights=masters, blocks=repeated_blocks(model) is not None,
                                          knob=cuda_graphs)
+        # the attention kernel, now that it is known whether the host launches the blocks' kernels
+        use_cls_attention(cls_attention, family, model, device, rows=self.micro, cudagraphs=bool(self.cudagraphs))
+        from .cls_attn import active
+
+        self.cls_attention = active(model)
         self.compiled = compile_blocks(model, hooks_outside=self.fsdp, cudagraphs=self.cudagraphs) if compile_ else 0
         # the parts outside the blocks (DINOv2: embeddings, final norm, pooling), not under FSDP's hooks
         self.compiled_rest = family.compile_rest(model) if compile_ and not self.fsdp else 0
