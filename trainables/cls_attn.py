@@ -84,16 +84,17 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cfg: dict | 
 if triton is not None:
 
     @triton.jit
+    def _head(X, bh, H, sxb, sxh):
+        """The first element of (batch, head) ``bh``'s rows in X: [B, ·, H, ·] seen through its strides."""
+        return X + (bh // H) * sxb + (bh % H) * sxh
+
+    @triton.jit
     def _fwd(Q, K, V, O, LSE, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, H, NP, qk_scale,
              BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        qb = Q + b * sqb + h * sqh
-        kb = K + b * skb + h * skh
-        vb = V + b * svb + h * svh
-        ob = O + b * sob + h * soh
+        qb, kb, vb = _head(Q, bh, H, sqb, sqh), _head(K, bh, H, skb, skh), _head(V, bh, H, svb, svh)
+        ob = _head(O, bh, H, sob, soh)
         lb = LSE + bh * (NP + 1)
         d = tl.arange(0, D)
         k0 = tl.load(kb + d).to(tl.float32)
@@ -148,14 +149,9 @@ if triton is not None:
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         nblk = tl.num_programs(0)
-        b = bh // H
-        h = bh % H
-        qb = Q + b * sqb + h * sqh
-        kb = K + b * skb + h * skh
-        vb = V + b * svb + h * svh
-        ob = O + b * sob + h * soh
-        dob = DO + b * sdb + h * sdh
-        dqb = DQ + b * sob + h * soh  # dQ is laid out like O
+        qb, kb, vb = _head(Q, bh, H, sqb, sqh), _head(K, bh, H, skb, skh), _head(V, bh, H, svb, svh)
+        ob, dob = _head(O, bh, H, sob, soh), _head(DO, bh, H, sdb, sdh)
+        dqb = _head(DQ, bh, H, sob, soh)  # dQ is laid out like O
         lb = LSE + bh * (NP + 1)
         db = DELTA + bh * (NP + 1)
         pb = PART + (bh * nblk + pid_m) * 2 * D
@@ -214,12 +210,8 @@ if triton is not None:
         The first block's program also writes the CLS key's dK and dV: the dQ kernel's NPART partial sums."""
         pid_n = tl.program_id(0)
         bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        qb = Q + b * sqb + h * sqh
-        kb = K + b * skb + h * skh
-        vb = V + b * svb + h * svh
-        dob = DO + b * sdb + h * sdh
+        qb, kb, vb = _head(Q, bh, H, sqb, sqh), _head(K, bh, H, skb, skh), _head(V, bh, H, svb, svh)
+        dob = _head(DO, bh, H, sdb, sdh)
         lb = LSE + bh * (NP + 1)
         db = DELTA + bh * (NP + 1)
         d = tl.arange(0, D)
@@ -245,8 +237,7 @@ if triton is not None:
             dpt = tl.dot(v, tl.trans(do))
             dst = pt * (dpt - delta[None, :])
             dk += tl.dot(dst.to(q.dtype), q)
-        dkb = DK + b * sob + h * soh
-        dvb = DV + b * sob + h * soh
+        dkb, dvb = _head(DK, bh, H, sob, soh), _head(DV, bh, H, sob, soh)
         tl.store(dkb + cols[:, None] * sot + d[None, :], (dk * scale).to(DK.dtype.element_ty))
         tl.store(dvb + cols[:, None] * sot + d[None, :], dv.to(DV.dtype.element_ty))
         if pid_n == 0:
