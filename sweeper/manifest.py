@@ -275,9 +275,9 @@ class TrainingSpec(Strict):
     optimizer are unchanged."""
 
     cls_attention: Literal["auto"] | bool = "auto"
-    """DINOv2 on CUDA: attention by ``trainables.cls_attn``'s Triton kernels, which keep the CLS token out of
-    the tiles (257 tokens run as whole tiles of the 256 patches, and the CLS token's row and column as
-    vectors, where PyTorch's fused kernels run 3 × 3 tiles of 128). The same softmax attention; only the
+    """DINOv2 on CUDA, on the fast path: attention by ``trainables.cls_attn``'s Triton kernels, which keep the
+    CLS token out of the tiles (257 tokens run as whole tiles of the 256 patches, and the CLS token's row and
+    column as vectors, where PyTorch's fused kernels run 3 × 3 tiles of 128). The same softmax attention; only the
     order of the additions differs. ViT-B/14 at batch 512 on an H200: 4.5-4.9 ms (2.8 %) faster a step.
     ``auto``: on for DINOv2 on CUDA where Triton is installed and either the blocks replay as CUDA graphs or a
     micro-batch's rows × heads reach 3,072 (ViT-B/14 from 256 images; below that, without graphs, launching
