@@ -348,6 +348,11 @@ def cls_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     why = supported(q, k, v)
     if why:
         raise ValueError(f"cls_attention: {why}")
+    return _attend(q, k, v, scale)
+
+
+def _attend(q, k, v, scale):
+    """The op's output for operands ``supported`` has taken (checked once, by the caller)."""
     return cls_attn_fwd(q, k, v, 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale))[0]
 
 
@@ -363,7 +368,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     if (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and attention_mask is None and not dropout
             and not (is_causal if is_causal is not None else getattr(module, "is_causal", False))
             and supported(query, key, value) is None):
-        return cls_attention(query, key, value, scaling).transpose(1, 2), None
+        return _attend(query, key, value, scaling).transpose(1, 2), None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

@@ -895,7 +895,7 @@ def use_cls_attention(knob: Any, family, model: nn.Module, device: torch.device,
     the same), and on CUDA without Triton too. On a CPU it does nothing. Per call, a shape or dtype the kernels
     do not take (a patch count that is not a multiple of the tile, fp32) runs PyTorch's SDPA instead
     (``cls_attn.attention_forward``)."""
-    if knob is False or knob == "false":
+    if knob is False:
         return False
     from sweeper.errors import UserError
 
@@ -1020,10 +1020,8 @@ class Stepper:
                                          bf16_weights=masters, blocks=repeated_blocks(model) is not None,
                                          knob=cuda_graphs)
         # the attention kernel, now that it is known whether the host launches the blocks' kernels
-        use_cls_attention(cls_attention, family, model, device, rows=self.micro, cudagraphs=bool(self.cudagraphs))
-        from .cls_attn import active
-
-        self.cls_attention = active(model)
+        self.cls_attention = use_cls_attention(cls_attention, family, model, device, rows=self.micro,
+                                               cudagraphs=bool(self.cudagraphs))
         self.compiled = compile_blocks(model, hooks_outside=self.fsdp, cudagraphs=self.cudagraphs) if compile_ else 0
         # the parts outside the blocks (DINOv2: embeddings, final norm, pooling), not under FSDP's hooks
         self.compiled_rest = family.compile_rest(model) if compile_ and not self.fsdp else 0
