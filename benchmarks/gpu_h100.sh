@@ -163,3 +163,19 @@ b --manifest $VB --label vitb-bs512-fc1-bgradb-2 --set search.space.batch_size=5
 b --manifest $VS --label vits-bs256-eager-rest --modes product,plain --steps 20 --rounds 5 --eager-rest
 b --manifest $VS --label vits-bs256-compiled-rest --modes product,plain,loader --steps 20 --rounds 5
 b --manifest $VB --label vitb-bs1024-compiled-rest-2 --set search.space.batch_size=1024 --modes product,loader
+# nineteenth session: the default settings (cls_attention: auto) at the manifest's batch 128 against the plain loop,
+# the same with training.cuda_graphs=true (auto then takes the CLS kernels), and batch 768 (whose peak memory fits
+# an 80 GB H100, where batch 1024's 82.6 GB may not)
+b --manifest $VB --label vitb-bs128-default-vs-plain --modes product,plain,plain-clip --steps 20 --rounds 5
+b --manifest $VB --label vitb-bs128-graphs-vs-plain --set training.cuda_graphs=true --modes product,plain,plain-clip --steps 20 --rounds 5
+b --manifest $VB --label vitb-bs768-clsattn --set search.space.batch_size=768 --modes product
+# q, k and v as one matmul read in place by the CLS kernels (cls_attn.FusedQKVAttention) against three matmuls,
+# each its own process, twice in turn
+b --manifest $VB --label vitb-bs512-qkv3 --set search.space.batch_size=512 --set training.cls_attention=true --modes product --no-fuse-qkv
+b --manifest $VB --label vitb-bs512-qkv1 --set search.space.batch_size=512 --set training.cls_attention=true --modes product,loader
+b --manifest $VB --label vitb-bs512-qkv3-2 --set search.space.batch_size=512 --set training.cls_attention=true --modes product --no-fuse-qkv
+b --manifest $VB --label vitb-bs512-qkv1-2 --set search.space.batch_size=512 --set training.cls_attention=true --modes product
+b --manifest $VB --label vitb-bs1024-qkv1 --set search.space.batch_size=1024 --set training.cls_attention=true --modes product
+b --manifest $VB --label vitb-bs768-qkv1 --set search.space.batch_size=768 --set training.cls_attention=true --modes product
+b --manifest $VB --label vitb-bs128-qkv1-vs-plain --modes product,plain,plain-clip --steps 20 --rounds 5
+b --manifest $VS --label vits-bs256-qkv1 --modes product,plain --steps 20 --rounds 5

@@ -195,6 +195,9 @@ def main(argv=None):
     ap.add_argument("--fc1-bgradb", action="store_true",
                     help="experiment, with training.gelu_epilogue: fc1's weight and bias gradients in one cuBLASLt "
                          "matmul (BGRADB epilogue), in the product and the plain loop (trainables.gelu_lt.FC1_BGRADB)")
+    ap.add_argument("--no-fuse-qkv", action="store_true",
+                    help="experiment, an A/B: with training.cls_attention on, q, k and v stay three matmuls "
+                         "(trainables.cls_attn.fuse_qkv not applied), in the product and the plain loop")
     ap.add_argument("--label", default="")
     ap.add_argument("--out", default=None, help="append JSON lines here")
     a = ap.parse_args(argv)
@@ -241,6 +244,10 @@ def main(argv=None):
         from trainables import gelu_lt
 
         gelu_lt.FC1_BGRADB = True
+    if a.no_fuse_qkv:
+        from trainables import cls_attn
+
+        cls_attn.fuse_qkv = lambda backbone: 0
     if a.eager_rest:
         from trainables.base import Family
         from trainables.dinov2_classifier import DinoClassifier
@@ -270,7 +277,8 @@ def main(argv=None):
                 fast_blocks=st.fast_blocks, gelu_epilogue=st.gelu_epilogue, cudagraphs_product=st.cudagraphs, **({"autotune": True} if a.autotune else {}),
                 **({"cudagraphs": True} if a.cudagraphs else {}), **({"patch_conv": True} if a.patch_conv else {}),
                 **({"pageable_collate": True} if a.pageable_collate else {}),
-                compiled_rest=st.compiled_rest, **({"fc1_bgradb": True} if a.fc1_bgradb else {}), **({"inductor": a.inductor} if a.inductor else {}), **({"blas": a.blas} if a.blas else {}))
+                compiled_rest=st.compiled_rest, **({"fc1_bgradb": True} if a.fc1_bgradb else {}), **({"inductor": a.inductor} if a.inductor else {}), **({"blas": a.blas} if a.blas else {}),
+                **({"no_fuse_qkv": True} if a.no_fuse_qkv else {}))
     first = next(iter(p.train_loader(0)))
     units_per_batch = speed.batch_units(first)[1]
     flops = p.flops_unit or 0.0

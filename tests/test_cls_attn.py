@@ -41,7 +41,7 @@ def test_kernels_and_ops_in_the_interpreter():
     r = subprocess.run([sys.executable, str(ROOT / "tests" / "cls_attn_interp.py")], env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    assert r.stdout.split() == ["kernels:", "ok", "ops:", "ok"], r.stdout
+    assert r.stdout.split() == ["kernels:", "ok", "ops:", "ok", "qkv:", "ok", "module:", "ok"], r.stdout
 
 
 def test_supported_says_why_not():
@@ -65,7 +65,9 @@ def test_model_on_the_cpu_runs_sdpa_and_keeps_its_config_clean():
     if ca.triton is None:
         pytest.skip("Triton is not installed")
     a, b = _tiny_dinov2(), _tiny_dinov2()
-    ca.use(b)
+    assert ca.use(b) == 2  # both layers' q, k, v as one matmul (ca.FusedQKVAttention), which on the CPU is not taken
+    assert all(isinstance(layer.attention, ca.FusedQKVAttention) for layer in b.encoder.layer)
+    assert b.state_dict().keys() == a.state_dict().keys() and ca.use(b) == 2  # same parameters; twice is once
     assert ca.active(type("M", (), {"backbone": b})()) and not ca.active(type("M", (), {"backbone": a})())
     x = torch.randn(2, 3, 28, 28)
     assert torch.equal(a(pixel_values=x).last_hidden_state, b(pixel_values=x).last_hidden_state)
@@ -99,6 +101,14 @@ def test_product_turns_it_on_only_where_it_applies(tmp_path):
     for knob, rows in ((True, small), ("auto", small + 1), ("auto", None)):
         model.backbone = _tiny_dinov2()
         assert speed.use_cls_attention(knob, dino, model, cuda, rows=rows) and ca.active(model), (knob, rows)
+        assert ca.fuse_qkv(model.backbone) == 2  # (already fused: counted, not changed)
+    # DeepSpeed ZeRO-3 gathers q_proj's weight only inside q_proj's forward, and FSDP's shards are not tested with
+    # it: the kernels, but no fused projection
+    for strategy, stage, fused in (("deepspeed", 3, False), ("fsdp", None, False), ("deepspeed", 2, True),
+                                   ("ddp", None, True)):
+        model.backbone = _tiny_dinov2()
+        assert speed.use_cls_attention(True, dino, model, cuda, strategy=strategy, stage=stage) and ca.active(model)
+        assert isinstance(model.backbone.encoder.layer[0].attention, ca.FusedQKVAttention) is fused, (strategy, stage)
     with pytest.raises(ManifestError, match=r"`training.cls_attention`: qwen_regression has no CLS token"):
         mf.load(ROOT / "search_spaces" / "qwen-tiny_regression_cpu.yaml", ["training.cls_attention=true"])
     assert mf.load(ROOT / "search_spaces" / "dinov2-tiny_classifier_cpu.yaml",
@@ -132,7 +142,7 @@ def test_cuda_model_with_it_matches_sdpa_and_compiles():
     against the same model on PyTorch's SDPA: outputs and the parameters' gradients within bf16's noise."""
     ref_m = _tiny_dinov2(layers=2, image=224, patch=14).cuda().bfloat16()
     ours = _tiny_dinov2(layers=2, image=224, patch=14).cuda().bfloat16()
-    ca.use(ours)
+    assert ca.use(ours) == 2  # q, k and v as one matmul read in place by the kernels
     x = torch.randn(8, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
     outs = []
     for m, params in ((ref_m, ref_m), (ours, ours), (torch.compile(ours), ours)):

@@ -27,6 +27,11 @@ tile-aligned 256 tokens: 1.63); the product's ViT-B/14 step at batch 512 161.3 /
 166.1 ms with cuDNN in the same call (MFU 43.3 → 44.6 %), at batch 1024 317.9 ms (45.3 %); ViT-S/14 at 256
 34.3 against 35.2 ms.
 
+Where the kernels run, DINOv2's q, k and v projections are one matmul whose [B, T, 3, H, D] output the kernels
+read in place and whose gradient the backward writes as one tensor (``FusedQKVAttention``, ``cls_attn_qkv_fwd``;
+nineteenth session): ViT-B/14 bs 512 162.0 / 162.5 against 163.7 / 164.1 ms with three projections, bs 1024
+319.4 ms (45.1 %), one H200 (``benchmarks/results/gpu_2026-11-28-nineteenth.md``).
+
 Tried and not kept (same session, ``benchmarks/results/cls_attn_{fused,clsin}_h200_2026-11-28.jsonl``): the
 whole backward of a (batch, head) in one program, dQ's partial sums kept in an fp32 scratch (five matmuls a
 tile instead of seven; 2.56 ms against 1.46 for the two kernels: one long serial program per head, and most
@@ -37,9 +42,11 @@ program beside its tiles instead of by a program of its own (forward and dQ each
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 try:  # Triton is on every CUDA machine with PyTorch; the CPU test installs it for its interpreter
     import triton
@@ -58,27 +65,36 @@ CONFIG = dict(fwd_m=64, fwd_n=64, dq_m=64, dq_n=64, kv_n=64, kv_m=64, warps_fwd=
               stages_fwd=3, stages_dq=2, stages_kv=1)
 
 
-def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cfg: dict | None = None) -> str | None:
-    """Why the kernels cannot take these [B, H, T, D] operands (None: they can)."""
+def problem(t: int, d: int, dtype: torch.dtype, numel: int, *, cfg: dict | None = None) -> str | None:
+    """Why the kernels cannot take [·, ·, t, d] operands of ``dtype`` spanning ``numel`` elements (None: they can);
+    the checks ``supported`` shares with ``FusedQKVAttention``, which makes its operands only if they pass."""
     c = cfg or CONFIG
     if triton is None:
         return "Triton is not installed"
-    if q.shape != k.shape or q.shape != v.shape or q.dim() != 4:
-        return f"q, k, v shapes differ or are not 4-D ({tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)})"
-    if q.dtype != k.dtype or q.dtype != v.dtype or q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        return f"dtype {q.dtype}"
-    d, t = q.shape[-1], q.shape[-2]
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"dtype {dtype}"
     if d not in (16, 32, 64, 128):
         return f"head dim {d} (16, 32, 64 or 128 only)"
     blocks = [c[x] for x in ("fwd_m", "fwd_n", "dq_m", "dq_n", "kv_n", "kv_m")]
     if t < 2 or (t - 1) % max(blocks) != 0:
         return f"{t} tokens: needs 1 + a multiple of {max(blocks)} (the CLS token and whole tiles of patches)"
-    if any(x.stride(-1) != 1 for x in (q, k, v)):
-        return "the head dim is not contiguous"
-    if q.numel() >= 2 ** 31 or any(sum((n - 1) * st for n, st in zip(x.shape, x.stride())) >= 2 ** 31
-                                   for x in (q, k, v)):
+    if numel >= 2 ** 31:
         return "2^31 elements or more (the kernels' offsets are 32-bit)"
     return None
+
+
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cfg: dict | None = None) -> str | None:
+    """Why the kernels cannot take these [B, H, T, D] operands (None: they can)."""
+    if triton is None:
+        return "Triton is not installed"
+    if q.shape != k.shape or q.shape != v.shape or q.dim() != 4:
+        return f"q, k, v shapes differ or are not 4-D ({tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)})"
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        return f"dtype {q.dtype}, {k.dtype}, {v.dtype}"
+    if any(x.stride(-1) != 1 for x in (q, k, v)):
+        return "the head dim is not contiguous"
+    span = max([q.numel()] + [sum((n - 1) * st for n, st in zip(x.shape, x.stride())) + 1 for x in (q, k, v)])
+    return problem(q.shape[-2], q.shape[-1], q.dtype, span, cfg=cfg)
 
 
 if triton is not None:
@@ -143,7 +159,8 @@ if triton is not None:
 
     @triton.jit
     def _bwd_dq(Q, K, V, O, DO, LSE, DELTA, DQ, PART, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-                sdb, sdh, sdt, H, NP, qk_scale, scale, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr):
+                sdb, sdh, sdt, sgb, sgh, sgt, H, NP, qk_scale, scale, BM: tl.constexpr, BN: tl.constexpr,
+                D: tl.constexpr):
         """dQ for a block of queries (or the CLS query), D_i = rowsum(dO ∘ O) saved for the dK/dV kernel, and
         this block's share of the CLS key's dK and dV (PART[bh, block, 0 / 1, :])."""
         pid_m = tl.program_id(0)
@@ -151,7 +168,7 @@ if triton is not None:
         nblk = tl.num_programs(0)
         qb, kb, vb = _head(Q, bh, H, sqb, sqh), _head(K, bh, H, skb, skh), _head(V, bh, H, svb, svh)
         ob, dob = _head(O, bh, H, sob, soh), _head(DO, bh, H, sdb, sdh)
-        dqb = _head(DQ, bh, H, sob, soh)  # dQ is laid out like O
+        dqb = _head(DQ, bh, H, sgb, sgh)
         lb = LSE + bh * (NP + 1)
         db = DELTA + bh * (NP + 1)
         pb = PART + (bh * nblk + pid_m) * 2 * D
@@ -180,7 +197,7 @@ if triton is not None:
                 dp = tl.dot(do, tl.trans(v))
                 ds = p * (dp - delta[:, None])
                 dq += tl.dot(ds.to(k.dtype), k)
-            tl.store(dqb + rows[:, None] * sot + d[None, :], (dq * scale).to(DQ.dtype.element_ty))
+            tl.store(dqb + rows[:, None] * sgt + d[None, :], (dq * scale).to(DQ.dtype.element_ty))
         else:
             q0 = tl.load(qb + d).to(tl.float32)
             do0 = tl.load(dob + d).to(tl.float32)
@@ -270,7 +287,7 @@ def launch_dq(do, q, k, v, o, lse, delta, dq, part, scale, cfg):
     NP = T - 1
     _bwd_dq[(part.shape[1], B * H)](
         q, k, v, o, do, lse, delta, dq, part, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-        *do.stride()[:3], H, NP, scale * LOG2E, scale, BM=cfg["dq_m"], BN=cfg["dq_n"], D=D,
+        *do.stride()[:3], *dq.stride()[:3], H, NP, scale * LOG2E, scale, BM=cfg["dq_m"], BN=cfg["dq_n"], D=D,
         num_warps=cfg["warps_dq"], num_stages=cfg["stages_dq"])
 
 
@@ -291,11 +308,13 @@ def _forward(q, k, v, scale, cfg):
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, scale, cfg):
+def _backward(do, q, k, v, o, lse, scale, cfg, out=None):
+    """(dq, dk, dv): fresh [B, T, H, D] tensors seen as [B, H, T, D], or ``out``'s three tensors written."""
     B, H, T, D = q.shape
     if do.stride(-1) != 1:
         do = do.contiguous()
-    dq, dk, dv = _bthd(q), _bthd(q), _bthd(q)
+    dq, dk, dv = out if out is not None else (_bthd(q), _bthd(q), _bthd(q))
+    assert dk.stride() == dv.stride(), "dK and dV are written through one set of strides"
     delta = torch.empty_like(lse)
     part = torch.empty(B * H, (T - 1) // cfg["dq_m"] + 1, 2, D, device=q.device, dtype=torch.float32)
     launch_dq(do, q, k, v, o, lse, delta, dq, part, scale, cfg)
@@ -342,6 +361,52 @@ def _grad(ctx, do, _dlse):
 cls_attn_fwd.register_autograd(_grad, setup_context=_setup)
 
 
+def _split(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k and v of a [B, T, 3, H, D] tensor (one projection's output) as [B, H, T, D] views."""
+    return qkv.select(2, 0).transpose(1, 2), qkv.select(2, 1).transpose(1, 2), qkv.select(2, 2).transpose(1, 2)
+
+
+@torch.library.custom_op("sweeper::cls_attn_qkv_fwd", mutates_args=())
+def cls_attn_qkv_fwd(qkv: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cls_attn_fwd`` reading q, k and v from one [B, T, 3, H, D] tensor (``FusedQKVAttention``)."""
+    return _forward(*_split(qkv), scale, CONFIG)
+
+
+@cls_attn_qkv_fwd.register_fake
+def _(qkv, scale):
+    B, T, _, H, D = qkv.shape
+    return qkv.new_empty(B, T, H, D).transpose(1, 2), qkv.new_empty(B, H, T, dtype=torch.float32)
+
+
+@torch.library.custom_op("sweeper::cls_attn_qkv_bwd", mutates_args=())
+def cls_attn_qkv_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """dq, dk and dv written into one [B, T, 3, H, D] tensor: the fused projection's output gradient as it is."""
+    dqkv = qkv.new_empty(qkv.shape)
+    _backward(do, *_split(qkv), o, lse, scale, CONFIG, out=_split(dqkv))
+    return dqkv
+
+
+@cls_attn_qkv_bwd.register_fake
+def _(do, qkv, o, lse, scale):
+    return qkv.new_empty(qkv.shape)
+
+
+def _setup_qkv(ctx, inputs, output):
+    qkv, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(qkv, o, lse)
+    ctx.scale = scale
+
+
+def _grad_qkv(ctx, do, _dlse):
+    qkv, o, lse = ctx.saved_tensors
+    return cls_attn_qkv_bwd(do, qkv, o, lse, ctx.scale), None
+
+
+cls_attn_qkv_fwd.register_autograd(_grad_qkv, setup_context=_setup_qkv)
+
+
 def cls_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Softmax attention of [B, H, T, D] q, k, v (no mask, no dropout) with T = 1 + a multiple of the tile;
     the output as [B, H, T, D] (a view of a [B, T, H, D] tensor)."""
@@ -356,6 +421,15 @@ def _attend(q, k, v, scale):
     return cls_attn_fwd(q, k, v, 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale))[0]
 
 
+# Triton's interpreter (``TRITON_INTERPRET=1``, read by Triton at import) runs the kernels on CPU tensors: the
+# CPU tests take the model's path through them that way (``tests/cls_attn_interp.py``)
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _kernel_device(x: torch.Tensor) -> bool:
+    return x.is_cuda or INTERPRET
+
+
 IMPLEMENTATION = "sweeper_cls"
 """The name under which ``attention_forward`` is registered with transformers' ``AttentionInterface``."""
 
@@ -365,7 +439,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     """transformers' attention interface: these kernels where they apply (CUDA, bf16 or fp16, no mask, no
     dropout, not causal, 1 + a multiple of the tile tokens), PyTorch's SDPA (transformers' own ``sdpa``
     function) otherwise. Returns ([B, T, H, D] output, None) as that does."""
-    if (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and attention_mask is None and not dropout
+    if (_kernel_device(query) and query.dtype in (torch.bfloat16, torch.float16) and attention_mask is None and not dropout
             and not (is_causal if is_causal is not None else getattr(module, "is_causal", False))
             and supported(query, key, value) is None):
         return _attend(query, key, value, scaling).transpose(1, 2), None
@@ -375,8 +449,88 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
                                   is_causal=is_causal, **kwargs)
 
 
-def use(backbone) -> None:
-    """Make a transformers model (DINOv2's ``Dinov2Model``) attend through ``attention_forward``."""
+class FusedQKVAttention(nn.Module):
+    """DINOv2's attention with its query, key and value projections as one matmul whose [B, T, 3, H, D] output
+    the kernels read in place, and whose gradient the backward writes in place (``cls_attn_qkv_fwd``). Per
+    layer that is one matmul of 2304 columns instead of three of 768 in the forward, one 2304-deep matmul for
+    the input's gradient instead of three whose outputs the LayerNorm's backward then sums, one weight-gradient
+    matmul and one bias sum instead of three each.
+
+    The three ``nn.Linear`` layers stay (their parameters, names and state dict are unchanged); their weights
+    are concatenated each call (2304 × 768: a few microseconds). A call the kernels do not take (not CUDA, a
+    mask, dropout, a shape or dtype ``problem`` refuses, a projection that is no longer a plain ``nn.Linear``,
+    as after ``training.fp8``) runs the module's own forward. Installed by ``fuse_qkv`` in place, as a mixin
+    (``dinov2_fast.with_mixin``: one class for all blocks, so the compiled block stays one graph), on
+    transformers' ``Dinov2Attention`` (5.2x: ``q_proj``, ``k_proj``, ``v_proj``, then ``o_proj``) or
+    ``Dinov2SelfAttention`` (5.17: ``query``, ``key``, ``value``; the output projection is its parent's)."""
+
+    _layout: tuple = ()  # (q, k, v attribute names, head dim attribute, dropout attribute, output projection or None)
+
+    def _fused_qkv(self, x: torch.Tensor, attention_mask) -> torch.Tensor | None:
+        names, head_dim, dropout, _ = self._layout
+        lin = [getattr(self, n) for n in names]
+        if (attention_mask is not None or (self.training and getattr(self, dropout)) or not _kernel_device(x)
+                or any(type(m) is not nn.Linear for m in lin) or len({m.bias is None for m in lin}) != 1):
+            return None
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        b, t, _ = x.shape
+        h, d = self.num_attention_heads, getattr(self, head_dim)
+        if dt not in (torch.bfloat16, torch.float16) or problem(t, d, dt, b * t * 3 * h * d) is not None:
+            return None
+        w = torch.cat([m.weight for m in lin])
+        bias = None if lin[0].bias is None else torch.cat([m.bias for m in lin])
+        return F.linear(x, w, bias).view(b, t, 3, h, d)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        qkv = self._fused_qkv(hidden_states, kwargs.get("attention_mask", args[0] if args else None))
+        if qkv is None:
+            return super().forward(hidden_states, *args, **kwargs)
+        b, t = hidden_states.shape[:2]
+        o = cls_attn_qkv_fwd(qkv, float(self.scaling))[0].transpose(1, 2).reshape(b, t, -1)  # [B, T, H·D]
+        out = self._layout[3]
+        return (getattr(self, out)(o) if out else o), None
+
+
+# transformers' DINOv2 attention classes fuse_qkv takes, and where their parts are (FusedQKVAttention._layout)
+LAYOUTS = {"Dinov2Attention": (("q_proj", "k_proj", "v_proj"), "head_dim", "attention_dropout", "o_proj"),
+           "Dinov2SelfAttention": (("query", "key", "value"), "attention_head_size", "dropout_prob", None)}
+
+
+def fuse_qkv(backbone) -> int:
+    """Make each of ``backbone``'s DINOv2 attention modules (``LAYOUTS``) whose q, k and v projections are
+    plain ``nn.Linear`` layers of one shape a ``FusedQKVAttention``, in place. Returns how many are (already
+    fused ones included)."""
+    from .dinov2_fast import with_mixin
+
+    n = 0
+    for m in backbone.modules():
+        if isinstance(m, FusedQKVAttention):
+            n += 1
+            continue
+        layout = LAYOUTS.get(type(m).__name__)
+        if layout is None:
+            continue
+        names, head_dim, dropout, out = layout
+        lin = [getattr(m, a, None) for a in names]
+        if (not all(type(x) is nn.Linear for x in lin) or (out and not hasattr(m, out))
+                or not all(hasattr(m, a) for a in ("num_attention_heads", head_dim, dropout, "scaling"))):
+            continue
+        width = m.num_attention_heads * getattr(m, head_dim)
+        if len({(x.in_features, x.out_features, x.bias is None) for x in lin}) != 1 or lin[0].out_features != width:
+            continue
+        cls = with_mixin(FusedQKVAttention, type(m))
+        cls._layout = layout
+        m.__class__ = cls
+        n += 1
+    return n
+
+
+def use(backbone, *, fuse: bool = True) -> int:
+    """Make a transformers model (DINOv2's ``Dinov2Model``) attend through ``attention_forward`` and, with
+    ``fuse``, through ``FusedQKVAttention`` where its layers allow. Returns how many layers are fused. Not
+    ``fuse`` under DeepSpeed ZeRO-3, which gathers a parameter only for its own module's forward, nor FSDP
+    (``speed.use_cls_attention`` decides)."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(IMPLEMENTATION, attention_forward)
@@ -384,6 +538,7 @@ def use(backbone) -> None:
     if backbone.config._attn_implementation != IMPLEMENTATION:
         raise RuntimeError(f"training.cls_attention: {type(backbone).__name__} kept attention "
                            f"{backbone.config._attn_implementation!r}")
+    return fuse_qkv(backbone) if fuse else 0
 
 
 def active(model) -> bool:

@@ -887,14 +887,17 @@ CLS_ATTENTION_MIN_ROWS_HEADS = 3072
 
 
 def use_cls_attention(knob: Any, family, model: nn.Module, device: torch.device, *, rows: int | None = None,
-                      cudagraphs: bool = False) -> bool:
+                      cudagraphs: bool = False, strategy: str = "plain", stage: int | None = None) -> bool:
     """``training.cls_attention``: the model's attention by ``trainables.cls_attn`` (the CLS token outside the
     tiles). ``auto``: for a family with a CLS token on CUDA with Triton, where the blocks replay as CUDA graphs
     or ``rows`` (the micro-batch; None: not known) × heads reaches ``CLS_ATTENTION_MIN_ROWS_HEADS``. ``true``:
     wherever the family has a CLS token; for one without, a UserError naming the field (the manifest check says
     the same), and on CUDA without Triton too. On a CPU it does nothing. Per call, a shape or dtype the kernels
     do not take (a patch count that is not a multiple of the tile, fp32) runs PyTorch's SDPA instead
-    (``cls_attn.attention_forward``)."""
+    (``cls_attn.attention_forward``). Where it turns the kernels on, DINOv2's q, k and v projections become one
+    matmul whose output the kernels read in place (``cls_attn.FusedQKVAttention``), except under DeepSpeed
+    ZeRO-3, which gathers each parameter only for its own module's forward, and FSDP (its sharded parameters
+    not tested with it)."""
     if knob is False:
         return False
     from sweeper.errors import UserError
@@ -918,8 +921,9 @@ def use_cls_attention(knob: Any, family, model: nn.Module, device: torch.device,
         log.info("attention: PyTorch's SDPA (training.cls_attention auto: %d rows × %d heads is under %d without "
                  "CUDA graphs; true forces trainables/cls_attn.py)", rows, heads, CLS_ATTENTION_MIN_ROWS_HEADS)
         return False
-    cls_attn.use(model.backbone)
-    log.info("attention with the CLS token outside the tiles (training.cls_attention %s, trainables/cls_attn.py)", knob)
+    fused = cls_attn.use(model.backbone, fuse=strategy != "fsdp" and not (strategy == "deepspeed" and stage == 3))
+    log.info("attention with the CLS token outside the tiles (training.cls_attention %s, trainables/cls_attn.py); "
+             "q, k and v as one matmul in %d layers", knob, fused)
     return True
 
 
@@ -939,7 +943,7 @@ def transform_blocks(family, model: nn.Module, device: torch.device, *, fast_blo
         from sweeper.errors import UserError
 
         raise UserError("training.gelu_epilogue: not with training.fp8 (the MLP's first layer would be FP8's)")
-    use_cls_attention(cls_attention, family, model, device, rows=rows)
+    use_cls_attention(cls_attention, family, model, device, rows=rows, strategy=strategy, stage=stage)
     return (use_fast_blocks(fast_blocks, family, model, strategy=strategy, stage=stage),
             use_gelu_epilogue(gelu_epilogue, family, model, device, strategy=strategy, world=world, ddp_impl=ddp_impl),
             use_fp8(fp8, model, device, strategy=strategy, world=world, ddp_impl=ddp_impl))
@@ -1021,7 +1025,7 @@ class Stepper:
                                          knob=cuda_graphs)
         # the attention kernel, now that it is known whether the host launches the blocks' kernels
         self.cls_attention = use_cls_attention(cls_attention, family, model, device, rows=self.micro,
-                                               cudagraphs=bool(self.cudagraphs))
+                                               cudagraphs=bool(self.cudagraphs), strategy=strategy, stage=self.stage)
         self.compiled = compile_blocks(model, hooks_outside=self.fsdp, cudagraphs=self.cudagraphs) if compile_ else 0
         # the parts outside the blocks (DINOv2: embeddings, final norm, pooling), not under FSDP's hooks
         self.compiled_rest = family.compile_rest(model) if compile_ and not self.fsdp else 0
