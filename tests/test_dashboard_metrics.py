@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from tests.conftest import ROOT, TINY_QWEN
@@ -22,6 +23,9 @@ def _last(scrape: dict, name: str, sweep: str) -> float | None:
     return vals[-1] if vals else None
 
 
+# its own Ray in a subprocess and a sweep: 34 s on 2 cores (the default run stays under 10 minutes; CI's slow pass
+# runs it)
+@pytest.mark.slow
 def test_sweeper_metrics_on_ray_endpoint(tmp_path):
     data = json.loads(json.dumps(TINY_QWEN))
     data["name"] = "t-dash"

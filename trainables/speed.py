@@ -1118,8 +1118,15 @@ class Stepper:
         self.opt.grad_scale = torch.clamp((norm.float() + 1e-6) / self.grad_clip, min=1.0)
 
     def ds_config(self, micro_batch: int, accumulation: int = 1) -> dict:
+        # ZeRO's reduce and all-gather buckets: 5e8 elements, but never more than the model's trainable parameters.
+        # DeepSpeed allocates a whole bucket each step; 5e8 fp32 elements (2 GB) for a model of a few million
+        # parameters cost a ViT-S/14 trial GPU memory and a CPU trial most of its time (the tiny Qwen's
+        # DeepSpeed test step: 78 of 110 s in torch.empty, tests/test_speed.py). Qwen2.5-0.5B and larger keep
+        # about 5e8, as measured on the GPUs. ``ds.config`` may still set either.
+        n = sum(p.numel() for p in self.loss_mod.parameters() if p.requires_grad)
+        bucket = int(min(5e8, max(1, n)))
         zero: dict[str, Any] = {"stage": self.stage, "overlap_comm": True, "contiguous_gradients": True,
-                                "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8}
+                                "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
         if self.ds.get("offload_optimizer"):
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
         if self.ds.get("offload_params"):
