@@ -85,8 +85,6 @@ def problem(t: int, d: int, dtype: torch.dtype, numel: int, *, cfg: dict | None 
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cfg: dict | None = None) -> str | None:
     """Why the kernels cannot take these [B, H, T, D] operands (None: they can)."""
-    if triton is None:
-        return "Triton is not installed"
     if q.shape != k.shape or q.shape != v.shape or q.dim() != 4:
         return f"q, k, v shapes differ or are not 4-D ({tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)})"
     if q.dtype != k.dtype or q.dtype != v.dtype:
@@ -470,7 +468,7 @@ class FusedQKVAttention(nn.Module):
         names, head_dim, dropout, _ = self._layout
         lin = [getattr(self, n) for n in names]
         if (attention_mask is not None or (self.training and getattr(self, dropout)) or not _kernel_device(x)
-                or any(type(m) is not nn.Linear for m in lin) or len({m.bias is None for m in lin}) != 1):
+                or any(type(m) is not nn.Linear for m in lin)):  # (fuse_qkv checked their shapes and biases)
             return None
         dev = x.device.type
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
